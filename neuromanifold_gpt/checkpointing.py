@@ -1,0 +1,86 @@
+"""Activation checkpointing applied from outside the model (torchtitan style).
+
+`apply_activation_checkpointing` replaces the `forward` of the chosen modules with one that
+runs the original under `torch.utils.checkpoint` (non-reentrant, RNG state preserved) while
+the model trains, so the activations inside are recomputed in backward instead of kept.
+Parameter names and state_dict keys do not change, and DDP, FSDP2 and torch.compile can be
+applied afterwards.
+
+Policies:
+  block      recompute each whole block (HF's `gradient_checkpointing_enable()`)
+  attention  recompute only the attention sub-layer
+  mlp        recompute only the MLP sub-layer
+  selective  recompute each block's cheap element-wise ops, keep matmul and attention outputs
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from .config.base import NeuroManifoldConfig
+
+# Outputs worth keeping under the selective policy: the matmuls and the attention kernels.
+# Everything else (LayerNorm, GELU, adds, dropout, views) is cheap to recompute.
+_aten = torch.ops.aten
+_SAVE_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _wrap_forward(module: nn.Module, policy: str) -> None:
+    if getattr(module, "_checkpoint_policy", None):
+        raise ValueError(f"activation checkpointing is already applied to {type(module).__name__}")
+    forward = module.forward
+    kwargs = dict(use_reentrant=False, preserve_rng_state=True)
+    if policy == "selective":
+        kwargs["context_fn"] = _selective_context
+
+    @functools.wraps(forward)
+    def checkpointed_forward(*args):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, **kwargs)
+        return forward(*args)
+
+    module.forward = checkpointed_forward
+    module._checkpoint_policy = policy
+
+
+def checkpointed_layers(config: NeuroManifoldConfig) -> list[int]:
+    """Indices of the blocks the config checkpoints (every k-th, within the first N)."""
+    if not config.gradient_checkpointing:
+        return []
+    last = config.n_layer if config.checkpoint_layers is None else min(config.checkpoint_layers,
+                                                                         config.n_layer)
+    return list(range(0, last, config.checkpoint_every))
+
+
+def apply_activation_checkpointing(model: nn.Module, config: NeuroManifoldConfig) -> list[int]:
+    """Checkpoint model.transformer.h[i] per the config; returns the indices wrapped."""
+    layers = checkpointed_layers(config)
+    for i in layers:
+        block = model.transformer.h[i]
+        target = {"attention": block.attn, "mlp": block.mlp}.get(config.checkpoint_policy, block)
+        _wrap_forward(target, config.checkpoint_policy)
+    return layers

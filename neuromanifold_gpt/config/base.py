@@ -1,0 +1,152 @@
+"""Typed configuration: the model (NeuroManifoldConfig), the training run (TrainConfig)
+and the one table of model presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+# One source of truth for model sizes. batch_size/block_size are the per-device defaults
+# a run uses when it does not set them: (CUDA, CPU).
+PRESETS: dict[str, dict] = {
+    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False,
+                             cuda=(64, 256), cpu=(8, 128)),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True,
+                 cuda=(12, 1024), cpu=(2, 128)),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.0, bias=True,
+                        cuda=(12, 1024), cpu=(1, 128)),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, dropout=0.0, bias=True,
+                       cuda=(8, 1024), cpu=(1, 64)),
+}
+
+POLICIES = ("block", "attention", "mlp", "selective")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{name}={value} must be > 0")
+
+
+@dataclass
+class NeuroManifoldConfig:
+    """The model: GPT-2 architecture plus how its activations are checkpointed."""
+
+    block_size: int = 256  # longest sequence the model sees (positional table size)
+    vocab_size: int = 65  # real vocabulary; the embedding is padded to a multiple of 64
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # residual stream width
+    dropout: float = 0.0  # dropout probability in attention, MLP and embeddings
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    checkpoint_policy: str = "block"  # what is recomputed: block | attention | mlp | selective
+    checkpoint_every: int = 1  # checkpoint every k-th block only (1 = every block)
+    checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "checkpoint_every"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("checkpoint_layers", self.checkpoint_layers)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_embd as a multiple of n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        _check_choice("checkpoint_policy", self.checkpoint_policy, POLICIES)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return 64 * math.ceil(self.vocab_size / 64)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Model fields left at None come from the preset."""
+
+    # data and outputs
+    dataset: str = "shakespeare_char"  # folder under data_dir holding train.bin/val.bin/meta.pkl
+    data_dir: str = "data"  # where prepared datasets live
+    out_dir: str = "out"  # snapshots go here
+    metrics_file: str = ""  # write the run's metrics JSON here ("" = do not write)
+    memory_trace_file: str = ""  # write per-step memory as TSV here ("" = do not write)
+    # model
+    preset: str = "shakespeare_char"  # model size: one of PRESETS
+    n_layer: int | None = None  # override the preset's layer count
+    n_head: int | None = None  # override the preset's head count
+    n_embd: int | None = None  # override the preset's width
+    dropout: float | None = None  # override the preset's dropout
+    bias: bool | None = None  # override the preset's bias setting
+    gradient_checkpointing: bool = False  # passed to the model config
+    checkpoint_policy: str = "block"  # block | attention | mlp | selective
+    checkpoint_every: int = 1  # checkpoint every k-th block
+    checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
+    # batch
+    batch_size: int | None = None  # sequences per micro-step (None = the preset's for the device)
+    block_size: int | None = None  # tokens per sequence (None = the preset's for the device)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    # optimizer and schedule
+    max_iters: int = 5000  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_iters: int = 100  # linear warm-up steps
+    lr_decay_iters: int | None = None  # end of the cosine decay (None = max_iters)
+    decay_lr: bool = True  # cosine decay after warm-up (False = constant learning rate)
+    weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+    # evaluation, logging, snapshots
+    eval_interval: int = 250  # evaluate train/val loss every this many steps (and at the end)
+    eval_iters: int = 20  # batches per split in an evaluation
+    log_interval: int = 10  # one log line every this many steps
+    save_snapshot: bool = False  # save out_dir/snapshot.pt at each evaluation
+    init_from: str = "scratch"  # scratch | resume (from out_dir/snapshot.pt)
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile each block
+    seed: int = 1337  # seeds weights, dropout and the data order
+
+    def __post_init__(self):
+        _check_choice("preset", self.preset, tuple(PRESETS))
+        _check_choice("checkpoint_policy", self.checkpoint_policy, POLICIES)
+        _check_choice("init_from", self.init_from, ("scratch", "resume"))
+        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        for name in ("n_layer", "n_head", "n_embd", "batch_size", "block_size", "checkpoint_layers",
+                     "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+                     "log_interval", "checkpoint_every", "lr_decay_iters"):
+            _check_positive(name, getattr(self, name))
+        if self.warmup_iters < 0:
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0")
+        self.model_config(vocab_size=65)  # validates the combined model settings early
+
+    def resolved_batch(self, device_type: str) -> tuple[int, int]:
+        """(batch_size, block_size) with the preset's per-device defaults filled in."""
+        default_b, default_t = PRESETS[self.preset]["cuda" if device_type == "cuda" else "cpu"]
+        return self.batch_size or default_b, self.block_size or default_t
+
+    def model_config(self, vocab_size: int, block_size: int | None = None) -> NeuroManifoldConfig:
+        preset = {k: v for k, v in PRESETS[self.preset].items() if k not in ("cuda", "cpu")}
+        for name in ("n_layer", "n_head", "n_embd", "dropout", "bias"):
+            if getattr(self, name) is not None:
+                preset[name] = getattr(self, name)
+        return NeuroManifoldConfig(
+            block_size=block_size or self.block_size or PRESETS[self.preset]["cuda"][1],
+            vocab_size=vocab_size,
+            gradient_checkpointing=self.gradient_checkpointing,
+            checkpoint_policy=self.checkpoint_policy,
+            checkpoint_every=self.checkpoint_every,
+            checkpoint_layers=self.checkpoint_layers,
+            **preset,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+

@@ -1,0 +1,166 @@
+"""Datasets: the tiny shakespeare corpus, prepared as nanoGPT prepares it (train.bin and
+val.bin of uint16 token ids, 90/10 split, plus meta.pkl), and a memmap batch loader.
+
+    python3 -m neuromanifold_gpt.data shakespeare_char --source ../shared/data/tinyshakespeare/input.txt
+
+The raw corpus is verified by sha256 and kept in a cache (NEUROMANIFOLD_CACHE, default
+~/.cache/neuromanifold_gpt), so a later prepare finds it offline."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEUROMANIFOLD_CACHE", Path.home() / ".cache" / "neuromanifold_gpt"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
+    """The corpus text from a local path or URL (via the cache), checked against sha256."""
+    cached = cache_dir() / f"tinyshakespeare-{sha256[:12]}.txt"
+    if source and not source.startswith(("http://", "https://")):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"corpus {source} not found; give the path of tiny shakespeare's "
+                             f"input.txt or its URL {CORPUS_URL}")
+        if _sha256(path) != sha256:
+            raise ValueError(f"corpus {source} has the wrong sha256 (expected {sha256}); it is "
+                             f"not tiny shakespeare's input.txt or it is damaged")
+        _atomic_copy(path, cached)
+    elif not (cached.is_file() and _sha256(cached) == sha256):
+        try:
+            with urllib.request.urlopen(source, timeout=30) as r, tempfile.NamedTemporaryFile(
+                    "wb", delete=False) as tmp:
+                shutil.copyfileobj(r, tmp)
+        except OSError as e:
+            raise ValueError(f"could not download {source} ({e}); offline, pass --source "
+                             f"/path/to/input.txt or copy the file to {cached}") from None
+        if _sha256(Path(tmp.name)) != sha256:
+            os.unlink(tmp.name)
+            raise ValueError(f"download of {source} has the wrong sha256 (expected {sha256})")
+        _atomic_copy(Path(tmp.name), cached)
+        os.unlink(tmp.name)
+    return cached.read_text(encoding="utf-8")
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_dataset(out_dir: Path, ids: np.ndarray, meta: dict) -> dict:
+    """Split ids 90/10 into train.bin/val.bin (uint16) and write meta.pkl; all-or-nothing."""
+    n = len(ids)
+    train, val = ids[: int(n * 0.9)], ids[int(n * 0.9):]
+    meta = dict(meta, train_tokens=len(train), val_tokens=len(val))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    train.astype(np.uint16).tofile(tmp / "train.bin")
+    val.astype(np.uint16).tofile(tmp / "val.bin")
+    with open(tmp / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        os.replace(tmp / name, out_dir / name)
+    tmp.rmdir()
+    return meta
+
+
+def prepare_shakespeare_char(out_dir: Path, source: str = CORPUS_URL,
+                             sha256: str = CORPUS_SHA256) -> dict:
+    text = fetch_corpus(source, sha256)
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    return write_dataset(out_dir, ids, dict(vocab_size=len(chars), stoi=stoi,
+                                            itos={i: ch for i, ch in enumerate(chars)}))
+
+
+PREPARERS = {"shakespeare_char": prepare_shakespeare_char}
+
+
+class BatchLoader:
+    """Random (B, T) windows from train.bin/val.bin, drawn from its own seeded generator
+    (so the data order is reproducible and can be saved in a snapshot)."""
+
+    def __init__(self, data_dir: str, dataset: str, batch_size: int, block_size: int,
+                 device: torch.device, seed: int):
+        self.dir = Path(data_dir) / dataset
+        self.batch_size, self.block_size, self.device = batch_size, block_size, device
+        meta_path = self.dir / "meta.pkl"
+        if not meta_path.is_file():
+            raise ValueError(f"dataset {dataset!r} is not prepared ({meta_path} is missing); run: "
+                             f"python3 -m neuromanifold_gpt.data {dataset} --data_dir {data_dir}")
+        try:
+            with open(meta_path, "rb") as f:
+                self.meta = pickle.load(f)
+            self.vocab_size = int(self.meta["vocab_size"])
+        except Exception as e:
+            raise ValueError(f"{meta_path} is corrupt ({e}); prepare the dataset again") from None
+        self.tokens = {}
+        for split in ("train", "val"):
+            path = self.dir / f"{split}.bin"
+            expected = self.meta.get(f"{split}_tokens")
+            size = path.stat().st_size if path.is_file() else -1
+            if size != 2 * expected:
+                state = "missing" if size < 0 else f"{size} bytes, expected {2 * expected}"
+                raise ValueError(f"{path} is {state}; prepare the dataset again: "
+                                 f"python3 -m neuromanifold_gpt.data {dataset} --data_dir {data_dir}")
+            if expected <= block_size:
+                raise ValueError(f"block_size={block_size} is too large for {path} "
+                                 f"({expected} tokens); use --block_size {expected - 1} or less")
+            self.tokens[split] = expected
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_batch(self, split: str):
+        # a fresh memmap per batch avoids a memory leak (numpy/numpy#... as in nanoGPT)
+        data = np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
+        x = torch.stack([torch.from_numpy(data[i: i + self.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1: i + 1 + self.block_size].astype(np.int64))
+                         for i in ix])
+        if self.device.type == "cuda":
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x, y
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=sorted(PREPARERS))
+    parser.add_argument("--source", default=CORPUS_URL, help="URL or local path of input.txt")
+    parser.add_argument("--sha256", default=CORPUS_SHA256)
+    parser.add_argument("--data_dir", default="data")
+    args = parser.parse_args(argv)
+    out = Path(args.data_dir) / args.dataset
+    try:
+        meta = PREPARERS[args.dataset](out, args.source, args.sha256)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out}: vocab size {meta['vocab_size']:,}, train has {meta['train_tokens']:,} tokens, "
+          f"val has {meta['val_tokens']:,} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Train a GPT, nanoGPT style, with optional activation checkpointing.
+
+    python3 train.py --config config/train_shakespeare_char.py --max_iters 10 --gradient_checkpointing true
+    python3 train.py --config config/train_gpt2.py --checkpoint_policy selective --batch_size 16
+
+Every TrainConfig field (neuromanifold_gpt/config/base.py) can be set as --key value or
+--key=value; later ones win. Exit codes: 0 done, 2 bad input, 3 CUDA out of memory."""
+
+import sys
+
+from neuromanifold_gpt.config.cli import parse_args
+from neuromanifold_gpt.trainer import TrainingOOM, train
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingOOM as e:
+        print(f"error: CUDA out of memory: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
