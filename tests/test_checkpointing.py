@@ -1,0 +1,120 @@
+"""Every policy must give the loss and gradients of no checkpointing, and must really recompute."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import neuromanifold_gpt.checkpointing as ckpt
+from neuromanifold_gpt import NeuroManifoldConfig, build_model
+
+CASES = [dict(checkpoint_policy=p) for p in ("block", "attention", "mlp", "selective")] + [
+    dict(checkpoint_policy="block", checkpoint_every=2),
+    dict(checkpoint_policy="block", checkpoint_layers=1),
+]
+
+
+def make(dropout=0.0, **ckpt_kwargs):
+    cfg = NeuroManifoldConfig(block_size=32, vocab_size=65, n_layer=3, n_head=4, n_embd=32,
+                              dropout=dropout, bias=True,
+                              gradient_checkpointing=bool(ckpt_kwargs), **ckpt_kwargs)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 65, (4, 32), generator=g), torch.randint(0, 65, (4, 32), generator=g)
+
+
+def loss_and_grads(model, mode=None):
+    x, y = batch()
+    torch.manual_seed(2)  # same dropout masks in both runs
+    with mode or FlopCounterMode(display=False):
+        _, loss = model(x, y)
+    fwd = mode
+    with mode or FlopCounterMode(display=False) as bwd_counter:
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, (fwd, bwd_counter)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_same_loss_and_gradients(case, dropout):
+    ref_loss, ref_grads, _ = loss_and_grads(make(dropout))
+    loss, grads, _ = loss_and_grads(make(dropout, **case))
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def backward_flops(model) -> int:
+    x, y = batch()
+    _, loss = model(x, y)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("policy", ["block", "attention", "mlp"])
+def test_backward_recomputes_matmuls(policy):
+    assert backward_flops(make(checkpoint_policy=policy)) > backward_flops(make())
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] = self.counts.get(func.overloadpacket.__name__, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_ops(model) -> dict:
+    x, y = batch()
+    _, loss = model(x, y)
+    with CountOps() as mode:
+        loss.backward()
+    return mode.counts
+
+
+def test_selective_recomputes_elementwise_but_not_matmuls():
+    base, sel = backward_ops(make()), backward_ops(make(checkpoint_policy="selective"))
+    assert sel.get("gelu", 0) == 3 and base.get("gelu", 0) == 0  # one GELU re-run per block
+    assert sel.get("native_layer_norm", 0) == 6 and base.get("native_layer_norm", 0) == 0
+    assert backward_flops(make(checkpoint_policy="selective")) == backward_flops(make())
+
+
+def test_layer_knobs_choose_blocks():
+    assert ckpt.checkpointed_layers(make(checkpoint_policy="block").config) == [0, 1, 2]
+    assert ckpt.checkpointed_layers(make(checkpoint_policy="block", checkpoint_every=2).config) == [0, 2]
+    assert ckpt.checkpointed_layers(make(checkpoint_policy="block", checkpoint_layers=1).config) == [0]
+    assert ckpt.checkpointed_layers(make().config) == []
+
+
+def test_only_active_when_training(monkeypatch):
+    model = make(checkpoint_policy="block")
+    x, y = batch()
+
+    def boom(*a, **k):
+        raise AssertionError("checkpoint called")
+
+    monkeypatch.setattr(ckpt, "checkpoint", boom)
+    model.eval()
+    model(x, y)  # eval: the plain forward
+    model.train()
+    with torch.no_grad():
+        model(x, y)  # no autograd graph: nothing to save, nothing to recompute
+    with pytest.raises(AssertionError, match="checkpoint called"):
+        model(x, y)
+
+
+def test_state_dict_unchanged_and_no_double_apply():
+    plain, wrapped = make(), make(checkpoint_policy="block")
+    assert plain.state_dict().keys() == wrapped.state_dict().keys()
+    wrapped.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="already applied"):
+        ckpt.apply_activation_checkpointing(wrapped, wrapped.config)

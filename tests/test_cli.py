@@ -1,0 +1,78 @@
+"""The nanoGPT-style CLI: overrides, types, and one clear line (exit 2) for every bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+import train
+from neuromanifold_gpt.config.cli import parse_args
+from tests.conftest import ROOT
+
+
+def test_overrides_config_file_then_command_line(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text('"""doc"""\nmax_iters = 7\nlearning_rate = 3e-4\ncompile = False\n')
+    cfg = parse_args(["--config", str(cfg_file), "--max_iters=9", "--gradient_checkpointing", "yes",
+                      "--checkpoint_policy", "mlp", "--checkpoint_layers", "None"])
+    assert (cfg.max_iters, cfg.learning_rate, cfg.compile) == (9, 3e-4, False)
+    assert cfg.gradient_checkpointing is True and cfg.checkpoint_policy == "mlp"
+    assert cfg.checkpoint_layers is None
+    mc = cfg.model_config(vocab_size=65)
+    assert mc.gradient_checkpointing and mc.checkpoint_policy == "mlp"  # passed to the model
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("1", True), ("no", False), ("0", False)])
+def test_boolean_spellings(text, value):
+    assert parse_args(["--gradient_checkpointing", text]).gradient_checkpointing is value
+
+
+def test_shipped_config_files_parse():
+    for name in ("train_shakespeare_char.py", "train_gpt2.py", "train_gpt2_medium.py"):
+        parse_args(["--config", str(ROOT / "config" / name)])
+
+
+BAD = {
+    "unknown key": (["--max_iter", "10"], "unknown config key 'max_iter'"),
+    "wrong type": (["--gradient_checkpointing", "maybe"], "gradient_checkpointing='maybe'"),
+    "unknown policy": (["--checkpoint_policy", "everything"], "checkpoint_policy='everything'"),
+    "indivisible width": (["--n_embd", "100", "--n_head", "6"], "not divisible by n_head"),
+    "missing config file": (["--config", "config/nope.py"], "config file 'config/nope.py' not found"),
+    "missing value": (["--max_iters"], "--max_iters needs a value"),
+    "huge block": (["--block_size", "100000"], "too large"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_one_line_exit_2(case, tiny_args, tmp_path, capsys):
+    argv, message = BAD[case]
+    metrics = tmp_path / "m.json"
+    code = train.main(tiny_args + ["--metrics_file", str(metrics)] + argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not metrics.exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_truncated_dataset(damage, tiny_args, data_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    train_bin = copy / "tiny" / "train.bin"
+    if damage == "missing":
+        train_bin.unlink()
+    else:
+        train_bin.write_bytes(train_bin.read_bytes()[:1000])
+    code = train.main(tiny_args + ["--data_dir", str(copy), "--metrics_file", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.bin" in err and "prepare the dataset again" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_real_process_exit_code_and_no_traceback():
+    r = subprocess.run([sys.executable, "train.py", "--gradient_checkpointing", "maybe"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
