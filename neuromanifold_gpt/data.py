@@ -1,7 +1,11 @@
 """Datasets: the tiny shakespeare corpus, prepared as nanoGPT prepares it (train.bin and
-val.bin of uint16 token ids, 90/10 split, plus meta.pkl), and a memmap batch loader.
+val.bin of uint16 token ids, the text split 90/10, plus meta.pkl), and a memmap batch loader.
 
     python3 -m neuromanifold_gpt.data shakespeare_char --source ../shared/data/tinyshakespeare/input.txt
+    python3 -m neuromanifold_gpt.data shakespeare --source ../shared/data/tinyshakespeare/input.txt
+
+`shakespeare_char` has one token per character (vocab 65); `shakespeare` the GPT-2 BPE
+(tiktoken `gpt2`, vocab 50,257), loaded offline from verified files (see tokenizer.py).
 
 The raw corpus is verified by sha256 and kept in a cache (NEUROMANIFOLD_CACHE, default
 ~/.cache/neuromanifold_gpt), so a later prepare finds it offline."""
@@ -68,10 +72,20 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def split_text(text: str) -> tuple[str, str]:
+    """The first 90% of the characters for training, the rest for validation."""
+    n = int(len(text) * 0.9)
+    return text[:n], text[n:]
+
+
 def write_dataset(out_dir: Path, ids: np.ndarray, meta: dict) -> dict:
     """Split ids 90/10 into train.bin/val.bin (uint16) and write meta.pkl; all-or-nothing."""
-    n = len(ids)
-    train, val = ids[: int(n * 0.9)], ids[int(n * 0.9):]
+    n = int(len(ids) * 0.9)
+    return write_splits(out_dir, ids[:n], ids[n:], meta)
+
+
+def write_splits(out_dir: Path, train: np.ndarray, val: np.ndarray, meta: dict) -> dict:
+    """Write train.bin/val.bin (uint16) and meta.pkl; all-or-nothing."""
     meta = dict(meta, train_tokens=len(train), val_tokens=len(val))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
@@ -95,7 +109,17 @@ def prepare_shakespeare_char(out_dir: Path, source: str = CORPUS_URL,
                                             itos={i: ch for i, ch in enumerate(chars)}))
 
 
-PREPARERS = {"shakespeare_char": prepare_shakespeare_char}
+def prepare_shakespeare(out_dir: Path, source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> dict:
+    """GPT-2 BPE, each split encoded on its own as nanoGPT does (train 301,966, val 36,059)."""
+    from .tokenizer import gpt2_encoding  # tiktoken only for the BPE dataset
+
+    enc = gpt2_encoding()
+    train, val = (np.array(enc.encode_ordinary(part), dtype=np.uint16)
+                  for part in split_text(fetch_corpus(source, sha256)))
+    return write_splits(out_dir, train, val, dict(vocab_size=enc.n_vocab, encoding=enc.name))
+
+
+PREPARERS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare}
 
 
 class BatchLoader:

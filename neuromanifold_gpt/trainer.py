@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from . import build_model
+from . import build_model, distributed, levers
 from .config.base import TrainConfig
 from .data import BatchLoader
 from .memory import MemoryMonitorCallback
 from .metrics import write_json, write_tsv
+from .predictor import device_memory_gb, predict, recommended_batch_size
 
 # Dense bf16 peak FLOP/s by device name, for MFU (the vendor's datasheet figures).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -68,8 +69,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+    optimizer = levers.OptimizerInBackward if cfg.optimizer_in_backward else torch.optim.AdamW
+    return optimizer(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                     fused=device.type == "cuda")
 
 
 def flops_per_token(model) -> float:
@@ -100,20 +102,36 @@ def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) ->
 class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False):
         self.cfg = cfg
-        self.quiet = quiet
         self.device, self.dtype = resolve_device(cfg)
+        self.dist, self.device = distributed.init(self.device, cfg)
+        self.quiet = quiet or not self.dist.is_main  # only rank 0 prints
         self.batch_size, self.block_size = cfg.resolved_batch(self.device.type)
         torch.manual_seed(cfg.seed)
         self.loader = BatchLoader(cfg.data_dir, cfg.dataset, self.batch_size, self.block_size,
-                                  self.device, seed=cfg.seed)
+                                  self.device, seed=cfg.seed + self.dist.rank)  # own stream per rank
         self.model_config = cfg.model_config(self.loader.vocab_size, self.block_size)
+        # compile pays on CUDA (faster steps, fewer saved activations); on the CPU its
+        # minutes of compile time are rarely won back
+        self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        if cfg.activation_memory_budget < 1.0 and not self.compile:
+            raise ValueError(f"activation_memory_budget={cfg.activation_memory_budget} acts only "
+                             f"on compiled blocks and compile is off on {self.device.type}; set "
+                             f"--compile true or the budget to 1")
+        self.prediction = predict(cfg, self.loader.vocab_size, self.device.type, self.dtype,
+                                  self.compile)
+        self.free_gb, self.device_gb = device_memory_gb(self.device)  # before the model exists
+        self.recommended_batch_size = recommended_batch_size(
+            cfg, self.loader.vocab_size, self.device.type, self.dtype, self.compile, self.free_gb)
         self.model = build_model(self.model_config).to(self.device)
         from .checkpointing import checkpointed_layers
 
         self.layers = checkpointed_layers(self.model_config)
-        if cfg.compile:
-            for block in self.model.transformer.h:
-                block.compile()
+        if self.dist.world_size > 1:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
+        # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2)
+        self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
+        if self.compile and self.model.lean_loss is not None:
+            self.model.lean_loss.compile()  # its per-chunk kernel; the chunk loop stays eager
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.memory = MemoryMonitorCallback(self.device)
         self.callbacks = [self.memory] + list(callbacks or [])
@@ -124,22 +142,37 @@ class Trainer:
         if cfg.init_from == "resume":
             self._load_snapshot()
 
+    def memory_report(self) -> list[str]:
+        """The startup report's memory lines: levers, predicted peak, recommended batch."""
+        cfg = self.cfg
+        on = [name for name, flag in (("lean loss", cfg.lean_loss),
+                                      ("offload activations", cfg.offload_activations),
+                                      ("optimizer in backward", cfg.optimizer_in_backward)) if flag]
+        if cfg.activation_memory_budget < 1.0:
+            on.append(f"compile memory budget {cfg.activation_memory_budget:g}")
+        auto = " (auto)" if cfg.compile is None else ""
+        return [f"compile: {'on' if self.compile else 'off'}{auto}; memory levers: "
+                f"{', '.join(on) or 'none'}",
+                *self.prediction.lines(),
+                f"recommended batch size: {self.recommended_batch_size} for "
+                f"{self.free_gb:.1f} GiB free of {self.device_gb:.1f} GiB ({self.device.type})"]
+
     def log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
 
     # -- snapshots ---------------------------------------------------------------------
     def _save_snapshot(self) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "iter_num": self.iter_num,
-            "config": self.cfg.to_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_data": self.loader.generator.get_state(),
-        }
+        # every rank takes part (FSDP2 gathers the shards); rank 0 writes
+        model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)
+        rng = {"cpu": torch.get_rng_state(), "data": self.loader.generator.get_state()}
         if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng_per_rank = distributed.gather(rng)  # each rank has its own data stream and dropout
+        if not self.dist.is_main:
+            return
+        state = {"model": model_state, "optimizer": optimizer_state, "iter_num": self.iter_num,
+                 "config": self.cfg.to_dict(), "rng": rng_per_rank}
         self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -149,14 +182,19 @@ class Trainer:
         if not self.snapshot_path.is_file():
             raise ValueError(f"init_from=resume but {self.snapshot_path} does not exist; train with "
                              f"--save_snapshot true first or use --init_from scratch")
-        state = torch.load(self.snapshot_path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(self.snapshot_path, map_location="cpu", weights_only=True)
+        if len(state["rng"]) != self.dist.world_size:
+            raise ValueError(f"{self.snapshot_path} was written by {len(state['rng'])} process(es), "
+                             f"this run has {self.dist.world_size}; resume with the same number "
+                             f"(torchrun --nproc_per_node) or use --init_from scratch")
+        distributed.load_full_state_dicts(self.model, self.optimizer, state["model"],
+                                          state["optimizer"])
         self.iter_num = state["iter_num"]
-        torch.set_rng_state(state["rng_cpu"])
-        self.loader.generator.set_state(state["rng_data"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        rng = state["rng"][self.dist.rank]
+        torch.set_rng_state(rng["cpu"])
+        self.loader.generator.set_state(rng["data"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # -- evaluation --------------------------------------------------------------------
     @torch.no_grad()
@@ -184,26 +222,33 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.iter_num, cfg)
         total = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
+        micro_steps = cfg.gradient_accumulation_steps // self.dist.world_size  # per rank
+        for k in range(micro_steps):
             x, y = self.loader.get_batch("train")
-            with self.autocast:
-                _, loss = self.model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps
-            loss.backward()
+            with distributed.sync_gradients(self.wrapped, sync=k == micro_steps - 1):
+                with self.autocast, levers.forward_context(cfg):
+                    loss = self.wrapped(x, y)[1] / micro_steps  # the logits are not kept
+                loss.backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total)
+        return distributed.mean_over_ranks(total)  # the loss of the global batch
 
     def run(self) -> dict:
         cfg = self.cfg
         for line in startup_report(cfg, self.model, self.device, self.dtype, self.batch_size,
-                                   self.block_size, self.layers):
+                                   self.block_size, self.layers) + self.memory_report():
             self.log(line)
+        if self.dist.parallelism != "none":
+            self.log(f"distributed: {self.dist.parallelism.upper()} over {self.dist.world_size} "
+                     f"rank(s), {cfg.gradient_accumulation_steps // self.dist.world_size} "
+                     f"micro-step(s) of {self.batch_size} x {self.block_size} per rank per iteration")
         tokens_per_iter = self.batch_size * self.block_size * cfg.gradient_accumulation_steps
         peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device_name(self.device)), None)
+        if peak_flops:
+            peak_flops *= self.dist.world_size  # tokens_per_iter is global: MFU per device
         step_times, losses, evals = [], [], {}
         start_iter, first = self.iter_num, True
         self.model.train()
@@ -246,6 +291,8 @@ class Trainer:
         mc = self.model_config
         step = statistics.median(step_times) if step_times else None
         measured = bool(self.memory.trace)
+        # every rank's (peak, reserved); the run's figure is the largest
+        peaks = distributed.gather((self.memory.peak_gb, self.memory.peak_reserved_gb))
         return {
             "preset": self.cfg.preset,
             "params": self.model.num_params(),
@@ -261,9 +308,22 @@ class Trainer:
             "device_name": device_name(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "torch_version": torch.__version__,
-            "peak_memory_gb": self.memory.peak_gb if measured else None,
-            "peak_reserved_gb": self.memory.peak_reserved_gb if measured else None,
+            "world_size": self.dist.world_size,
+            "parallelism": self.dist.parallelism,
+            "peak_memory_gb": max(p for p, _ in peaks) if measured else None,
+            "peak_memory_gb_per_rank": [p for p, _ in peaks] if measured else None,
+            "peak_reserved_gb": max(r for _, r in peaks) if measured else None,
             "peak_memory_source": self.memory.source,
+            "predicted_peak_gb": self.prediction.peak_gb,
+            # allocator peaks only: a CPU run measures the whole process's resident memory
+            "predicted/measured": self.prediction.peak_gb / max(p for p, _ in peaks)
+            if measured and self.device.type == "cuda" else None,
+            "recommended_batch_size": self.recommended_batch_size,
+            "compile": self.compile,
+            "lean_loss": mc.lean_loss,
+            "offload_activations": self.cfg.offload_activations,
+            "optimizer_in_backward": self.cfg.optimizer_in_backward,
+            "activation_memory_budget": self.cfg.activation_memory_budget,
             "step_time_ms": step * 1000 if step else None,
             "tokens_per_sec": tokens_per_iter / step if step else None,
             "mfu": flops_per_token(self.model) * tokens_per_iter / step / peak_flops
@@ -291,15 +351,27 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
     try:
         metrics = trainer.run()
     except torch.cuda.OutOfMemoryError as e:
+        b = trainer.recommended_batch_size
+        advice = (f"--batch_size {b}" if b else "batch_size 1 does not fit either; try "
+                  "--gradient_checkpointing true --lean_loss true")
         metrics = {"preset": cfg.preset, "oom": True, "error": str(e).splitlines()[0],
+                   "batch_size": trainer.batch_size, "block_size": trainer.block_size,
+                   "predicted_peak_gb": trainer.prediction.peak_gb,
+                   "device_memory_gb": trainer.device_gb, "recommended_batch_size": b,
                    "device_name": device_name(trainer.device), "torch_version": torch.__version__}
         if cfg.metrics_file:
             write_json(cfg.metrics_file, metrics)
-        raise TrainingOOM(metrics["error"]) from None
+        raise TrainingOOM(
+            f"batch_size {trainer.batch_size} x {trainer.block_size} needs about "
+            f"{trainer.prediction.peak_gb:.1f} GiB (predicted); the device has "
+            f"{trainer.device_gb:.1f} GiB ({trainer.free_gb:.1f} GiB free at start); use "
+            f"{advice}") from None
+    trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
+    distributed.close()  # every rank is past its last collective
     losses = metrics.pop("_losses")
-    if cfg.metrics_file:
+    if cfg.metrics_file and trainer.dist.is_main:
         write_json(cfg.metrics_file, metrics)
-    if cfg.memory_trace_file:
+    if cfg.memory_trace_file and trainer.dist.is_main:  # rank 0's own steps
         peaks = {i: (p, r) for i, p, r in trainer.memory.trace}
         rows = [(i, loss, *peaks.get(i, (float("nan"), float("nan")))) for i, loss in losses]
         write_tsv(cfg.memory_trace_file, ["step", "loss", "peak_memory_gb", "peak_reserved_gb"],

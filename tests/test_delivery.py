@@ -11,11 +11,15 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10, where pytest depends on tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["README.md", "Dockerfile", ".dockerignore", ".ci/run", "pyproject.toml",
@@ -124,10 +128,11 @@ def check_image(f: dict[str, str], pipeline: list[list[str]]) -> list[str]:
         expected.append(["pip", "install", "-r", copies.get("requirements.txt", "?")]
                         if editable else cmd)
     if not contains_in_order(runs, expected):
-        problems.append(f"Dockerfile: does not run the README's installs {expected} in order")
+        problems.append("Dockerfile: does not run the README's installs, in order: "
+                        + "; ".join(map(shlex.join, expected)))
     cmd = next((json.loads(args) for kw, args in instr if kw == "CMD"), None)
     if cmd != pipeline[-1]:
-        problems.append(f"Dockerfile: CMD {cmd} is not the README's {pipeline[-1]}")
+        problems.append(f"Dockerfile: CMD {cmd} is not the README's {shlex.join(pipeline[-1])}")
 
     # The build context is an allow-list: every COPY source must be let through.
     rules = [ln.strip() for ln in f[".dockerignore"].splitlines()
@@ -190,7 +195,8 @@ def problems(f: dict[str, str]) -> list[str]:
     pipeline, tests = quick_start(f["README.md"])
     found = check_image(f, pipeline)
     if not contains_in_order(commands(f[".ci/run"]), tests):
-        found.append(f".ci/run: does not run the README's test line {tests}")
+        found.append(".ci/run: does not run the README's test line: "
+                     + " && ".join(map(shlex.join, tests)))
 
     runs = docker_runs(f["README.md"].split("<!-- section: docker -->")[-1])
     readme_gpu, readme_diff = gpu_run(runs, pipeline[-1]), diff_run(runs)
@@ -227,7 +233,8 @@ DRIFTS = [
     ("README.md", "pip install -e . && dvc repro", "pip install -e . && dvc exp run",
      "Dockerfile: CMD"),
     ("README.md", '--gpus all --user "$(id -u):$(id -g)" -v "$PWD":/work -w /work neuromanifold-gpt',
-     '--gpus all -v "$PWD":/work -w /work neuromanifold-gpt', "gpu.yml: does not run the README's docker run --rm --gpus"),
+     '--gpus all -v "$PWD":/work -w /work neuromanifold-gpt',
+     "gpu.yml: does not run the README's docker run --rm --gpus"),
     ("README.md", "neuromanifold-gpt dvc metrics diff main",
      "neuromanifold-gpt dvc metrics diff origin/main", "gpu.yml: does not run the README's"),
     ("pyproject.toml", 'file = ["requirements.txt"]', 'file = ["requirements-gpu.txt"]',

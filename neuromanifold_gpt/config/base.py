@@ -47,6 +47,7 @@ class NeuroManifoldConfig:
     checkpoint_policy: str = "block"  # what is recomputed: block | attention | mlp | selective
     checkpoint_every: int = 1  # checkpoint every k-th block only (1 = every block)
     checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
+    lean_loss: bool = False  # chunked head + cross-entropy: the (B, T, V) logits never exist
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "checkpoint_every"):
@@ -85,6 +86,11 @@ class TrainConfig:
     checkpoint_policy: str = "block"  # block | attention | mlp | selective
     checkpoint_every: int = 1  # checkpoint every k-th block
     checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
+    # memory levers beyond checkpointing (neuromanifold_gpt/loss.py and levers.py)
+    lean_loss: bool = False  # chunked head + cross-entropy: the (B, T, V) logits never exist
+    offload_activations: bool = False  # keep saved activations (checkpointed: block inputs) in host RAM
+    optimizer_in_backward: bool = False  # step each weight once its grad is ready, then free it
+    activation_memory_budget: float = 1.0  # compile's saved-activation budget (<1 recomputes more)
     # batch
     batch_size: int | None = None  # sequences per micro-step (None = the preset's for the device)
     block_size: int | None = None  # tokens per sequence (None = the preset's for the device)
@@ -109,8 +115,11 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile each block
+    compile: bool | None = None  # torch.compile each block (None = on CUDA, not on CPU)
     seed: int = 1337  # seeds weights, dropout and the data order
+    # distributed (only under torchrun)
+    fsdp: bool = False  # shard params, grads and optimizer state with FSDP2 instead of DDP
+    dist_timeout: int = 600  # seconds a collective waits for the other ranks before failing
 
     def __post_init__(self):
         _check_choice("preset", self.preset, tuple(PRESETS))
@@ -121,10 +130,22 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         for name in ("n_layer", "n_head", "n_embd", "batch_size", "block_size", "checkpoint_layers",
                      "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-                     "log_interval", "checkpoint_every", "lr_decay_iters"):
+                     "log_interval", "checkpoint_every", "lr_decay_iters", "dist_timeout"):
             _check_positive(name, getattr(self, name))
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0")
+        if not 0.0 <= self.activation_memory_budget <= 1.0:
+            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} must be in "
+                             f"[0, 1] (1 = compile's default, 0 = recompute all it can)")
+        if self.activation_memory_budget < 1.0 and self.compile is False:
+            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} acts only "
+                             f"on compiled blocks; set compile=true or the budget to 1")
+        if self.optimizer_in_backward and self.grad_clip > 0:
+            raise ValueError("optimizer_in_backward=true steps each weight before the global "
+                             "gradient norm is known; set grad_clip=0")
+        if self.optimizer_in_backward and self.gradient_accumulation_steps > 1:
+            raise ValueError("optimizer_in_backward=true steps after every backward; set "
+                             "gradient_accumulation_steps=1 (raise batch_size instead)")
         self.model_config(vocab_size=65)  # validates the combined model settings early
 
     def resolved_batch(self, device_type: str) -> tuple[int, int]:
@@ -144,6 +165,7 @@ class TrainConfig:
             checkpoint_policy=self.checkpoint_policy,
             checkpoint_every=self.checkpoint_every,
             checkpoint_layers=self.checkpoint_layers,
+            lean_loss=self.lean_loss,
             **preset,
         )
 

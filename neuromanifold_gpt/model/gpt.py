@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config.base import NeuroManifoldConfig
+from ..loss import LinearCrossEntropyLoss
 from .block import NeuroManifoldBlock
 
 
@@ -25,6 +26,8 @@ class NeuroManifoldGPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # head + loss chunk by chunk (no parameters of its own; see neuromanifold_gpt/loss.py)
+        self.lean_loss = LinearCrossEntropyLoss() if config.lean_loss else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):
@@ -55,6 +58,8 @@ class NeuroManifoldGPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the last position
+        if self.lean_loss is not None:  # the (B, T, V) logits are never held, so none returned
+            return None, self.lean_loss(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss

@@ -1,0 +1,40 @@
+# The CUDA image that runs the DVC pipeline. The repository is not baked in: mount the checkout
+# at /work and run as yourself, so outputs belong to you and git trusts the checkout:
+#   docker build -t neuromanifold-gpt .
+#   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD":/work -w /work neuromanifold-gpt dvc repro
+#
+# python:3.11.14-slim-bookworm, pinned by the digest of its multi-architecture index. No CUDA
+# toolkit is needed here: PyPI's Linux torch wheel is a CUDA build whose nvidia-* dependencies
+# carry the CUDA runtime, cuBLAS and cuDNN, and `--gpus all` (the NVIDIA container toolkit)
+# brings the host's driver.
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+
+# DVC needs git. Debian's archive keeps only the newest build of a package in a release, so an
+# exact version pin would break the build at the next security update; the release (bookworm)
+# is fixed by the digest above.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
+
+# Dependencies before code, so this layer is rebuilt only when requirements.txt changes. The
+# same two installs as the README's quick start; the package itself is imported from the mount.
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir -r /tmp/requirements.txt
+
+# A run passes --user with the host's uid, which has no entry in /etc/passwd: HOME is set here
+# and writable by any uid, so caches (corpus, tiktoken, matplotlib) have a place to go. The
+# system-wide safe.directory keeps `dvc metrics diff` working when a run forgets --user and the
+# checkout's owner differs from the process's.
+RUN groupadd --gid 10001 neuromanifold \
+    && useradd --create-home --home-dir /home/neuromanifold --uid 10001 --gid 10001 neuromanifold \
+    && chmod 1777 /home/neuromanifold \
+    && git config --system --add safe.directory /work
+ENV HOME=/home/neuromanifold \
+    PYTHONPATH=/work \
+    PYTHONUNBUFFERED=1 \
+    DVC_NO_ANALYTICS=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+USER 10001:10001
+WORKDIR /work
+CMD ["dvc", "repro"]

@@ -1,0 +1,128 @@
+"""Memory-lean loss: the linear head and the cross-entropy, computed chunk by chunk.
+
+The plain loss holds the (B*T, V) logits in the compute dtype, their fp32 copy, the fp32
+log-softmax saved for backward and, at the start of backward, two fp32 gradients beside it:
+up to 12 bytes per token per vocabulary entry (6.9 GiB at GPT-2 124M, 12 x 1024 tokens),
+more than the model's weights, gradients and AdamW states together. Here the forward pass walks over chunks of
+tokens and, for each, computes the logits, the loss and the gradient of the logits, then
+turns that gradient at once into the gradients of the hidden states and of the head weight.
+Only one chunk's logits exist at a time; backward merely scales the stored gradients, so
+the head is never recomputed.
+
+    loss = linear_cross_entropy(x, lm_head.weight, targets)  # x: (N, C), targets: (N,)
+
+The per-chunk arithmetic (`_chunk_loss_and_grad`) is a pure function: `LinearCrossEntropyLoss.
+compile()` compiles it alone (one static shape where the chunks divide B*T evenly), so the
+Python loop over chunks never enters a compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# Largest fp32 logits chunk: the loss's working set stays near 2-4x this, whatever B*T is.
+CHUNK_BYTES = 128 * 2**20
+
+
+def chunk_tokens(n_tokens: int, vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk: at most chunk_bytes of fp32 logits, and where possible a divisor of
+    n_tokens, so every chunk has the same shape (one compiled kernel, no recompiles)."""
+    cap = max(1, min(n_tokens, chunk_bytes // (4 * vocab_size)))
+    first = -(-n_tokens // cap)  # fewest chunks under the cap
+    for n_chunks in range(first, 2 * first + 1):
+        if n_tokens % n_chunks == 0:
+            return n_tokens // n_chunks
+    return -(-n_tokens // first)
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    """Summed weighted cross-entropy of one chunk and its gradient w.r.t. the logits.
+
+    logits: (c, V) in the compute dtype; targets: (c,) (ignored ones already set to 0);
+    weights: (c,) in fp32 or wider, 1/n_valid for counted tokens and 0 for ignored ones."""
+    z = logits.to(weights.dtype)  # (c, V)
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    target_logit = z.gather(1, targets[:, None]).squeeze(1)  # (c,)
+    loss_sum = ((lse - target_logit) * weights).sum()
+    # d loss / d logits = (softmax - one_hot) * weight, built in place in z: in eager mode the
+    # chunk then costs one fp32 copy of its logits, not four
+    grad = z.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    grad.mul_(weights[:, None])
+    return loss_sum, grad.to(logits.dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run the head matmul in (x's own dtype without autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, chunk, kernel, dtype, need_grad):
+        # x: (N, C), weight: (V, C), targets: (N,). Autocast is off in here; dtypes are explicit.
+        w = weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # the loss math is never below fp32
+        valid = targets != ignore_index
+        weights = valid.to(acc) / valid.sum().clamp(min=1)  # the mean over counted tokens
+        safe_targets = targets.masked_fill(~valid, 0)
+        grad_x = torch.empty_like(x) if need_grad else None  # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None  # (V, C)
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        for s in range(0, x.size(0), chunk):
+            xc = x[s: s + chunk].to(dtype)  # (c, C)
+            logits = xc @ w.t()  # (c, V)
+            part, g = kernel(logits, safe_targets[s: s + chunk], weights[s: s + chunk])
+            del logits
+            loss += part
+            if need_grad:
+                grad_x[s: s + chunk] = g @ w  # (c, C)
+                grad_w += g.t() @ xc  # (V, C), summed in fp32 or wider
+        # Kept as ctx attributes, not save_for_backward: they are results, not inputs, and
+        # must stay on the device even when saved activations are offloaded to the host.
+        ctx.grad_x = grad_x
+        ctx.grad_w = grad_w.to(weight.dtype) if need_grad else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.grad_x, ctx.grad_w
+        ctx.grad_x = ctx.grad_w = None
+        # in place: a second (V, C) fp32 buffer would raise the peak at the start of backward
+        grad_x = grad_x.mul_(grad_loss) if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk: int | None = None,
+                         kernel=_chunk_loss_and_grad) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets) (mean over targets != ignore_index) without
+    ever holding the (N, V) logits. x: (N, C) or (B, T, C); targets: matching (N,) or (B, T)."""
+    x = x.reshape(-1, x.size(-1))
+    targets = targets.reshape(-1)
+    dtype = _compute_dtype(x)
+    chunk = chunk or chunk_tokens(x.size(0), weight.size(0))
+    # ctx.needs_input_grad ignores no_grad mode: evaluation must skip the gradient matmuls here
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk, kernel, dtype,
+                                         need_grad)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """linear_cross_entropy as a module without parameters (the state_dict is unchanged);
+    compile() compiles the per-chunk kernel only."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = _chunk_loss_and_grad
+
+    def compile(self, **kwargs) -> None:
+        self.kernel = torch.compile(_chunk_loss_and_grad, dynamic=False, fullgraph=True, **kwargs)
+
+    def forward(self, x, weight, targets):
+        return linear_cross_entropy(x, weight, targets, kernel=self.kernel)

@@ -1,0 +1,120 @@
+"""How params.yaml becomes training runs: the baseline and the checkpointed run of each model
+size, each in a fresh train.py process (on CPU a run's peak is its process's peak RSS).
+
+The DVC stages (stages/*.py) and verify_gradient_checkpointing.py make their runs through
+this module, so both make the same runs.
+
+A params.yaml value written {cpu: A, cuda: B} means A on CPU and B on CUDA, for the device
+the runs land on; a `verify` value may further be {SIZE: value, ...} per model size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+DEVICES = ("cpu", "cuda")
+RUNS = ("baseline", "checkpointed")
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+EXIT_OOM = 3  # train.py's exit status for CUDA out of memory; its metrics then say oom: true
+
+
+def load_params(*sections: str, path: str | Path = "params.yaml") -> dict:
+    """params.yaml, checked to have the sections the caller reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; run from the project root or pass --params FILE")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    for section in sections:
+        if not isinstance((params or {}).get(section), dict):
+            raise ValueError(f"{path} has no `{section}:` section; restore it from git")
+    return params
+
+
+def pick(value, device_type: str, size: str | None = None):
+    """A params value, narrowed to this device ({cpu: .., cuda: ..}) and then to this size."""
+    if isinstance(value, dict) and value and set(value) <= set(DEVICES):
+        if device_type not in value:
+            raise ValueError(f"params.yaml value {value} has no `{device_type}:` entry; add one")
+        value = value[device_type]
+    if size is not None and isinstance(value, dict):
+        if size not in value:
+            raise ValueError(f"params.yaml value {value} has no entry for size {size!r}; add one")
+        value = value[size]
+    return value
+
+
+def run_device_type(params: dict) -> str:
+    """'cuda' or 'cpu': where the runs land (train.device: auto picks CUDA when there is one,
+    as trainer.resolve_device does; train.py itself rejects a device it cannot use)."""
+    device = str(params["train"].get("device", "auto"))
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.partition(":")[0]
+
+
+def run_files(size: str, run: str, root: str | Path = ".") -> dict[str, Path]:
+    """Where one run's metrics (JSON), memory per step (TSV) and log go."""
+    root = Path(root)
+    return {"metrics": root / "metrics" / "train" / size / f"{run}.json",
+            "trace": root / "plots" / "train" / size / f"{run}.tsv",
+            "log": root / "logs" / size / f"{run}.log"}
+
+
+def _arg(key: str, value) -> str:
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return f"--{key}={'none' if value is None else value}"
+
+
+def training_args(params: dict, size: str, run: str, device_type: str,
+                  files: dict[str, Path]) -> list[str]:
+    """train.py's arguments for one run: the size's config file, then params.yaml's `train`,
+    `sizes.SIZE` and (checkpointed run) `checkpointing` sections, later ones winning."""
+    if size not in params["sizes"]:
+        raise ValueError(f"size {size!r} is not in params.yaml's sizes ({', '.join(params['sizes'])})")
+    settings = dict(params["sizes"][size] or {})
+    if "config" not in settings:
+        raise ValueError(f"params.yaml sizes.{size} has no `config:` (e.g. config/train_gpt2.py)")
+    args = ["--config", str(settings.pop("config"))]
+    checkpointing = (params["checkpointing"] if run == "checkpointed"
+                     else {"gradient_checkpointing": False})
+    for section in (params["train"], settings, checkpointing):
+        args += [_arg(k, pick(v, device_type)) for k, v in section.items() if k != "nproc"]
+    return args + [_arg("metrics_file", files["metrics"]), _arg("memory_trace_file", files["trace"])]
+
+
+def processes(params: dict, device_type: str) -> int:
+    """params.yaml's train.nproc: processes per run (default 1)."""
+    nproc = pick(params["train"].get("nproc", 1), device_type)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"params.yaml train.nproc={nproc!r} must be a whole number >= 1")
+    return nproc
+
+
+def training_command(args: list[str], nproc: int = 1) -> list[str]:
+    """The one place that says how a run is launched: train.py in a fresh process, or in
+    nproc processes through torchrun (data-parallel, see neuromanifold_gpt/distributed.py)."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", str(TRAIN_SCRIPT), *args]
+    return [sys.executable, str(TRAIN_SCRIPT), *args]
+
+
+def run_training(args: list[str], log_path: Path, nproc: int = 1) -> int:
+    """Run train.py, echo its output and keep it in log_path; returns its exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log, subprocess.Popen(
+            training_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+    return proc.returncode

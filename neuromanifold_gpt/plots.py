@@ -1,0 +1,70 @@
+"""Static PNG plots of the pipeline's memory figures, for readers without DVC's HTML plots
+(whose page loads vega from a CDN): peak memory per step, and peak memory against step time.
+
+matplotlib's object API renders through Agg here, so no display and no global backend."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+COLORS = {"baseline": "tab:red", "checkpointed": "tab:blue"}
+
+
+def read_trace(path: str | Path) -> dict[str, list[float]]:
+    """A memory-per-step TSV (train.py --memory_trace_file) as columns."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return {k: [float(r[k]) for r in rows] for k in ("step", "peak_memory_gb")}
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
+    os.replace(tmp, path)
+
+
+def _grid(n: int, title: str) -> tuple[Figure, list]:
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.5 * cols, 3.5 * rows), layout="constrained")
+    fig.suptitle(title)
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
+def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -> None:
+    """traces[size][run] = read_trace(...): one panel per size, a line per run."""
+    fig, axes = _grid(len(traces), "Peak memory per training step (after warm-up)")
+    for ax, (size, runs) in zip(axes, traces.items(), strict=True):
+        for run, trace in runs.items():
+            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=3, label=run,
+                    color=COLORS.get(run))
+        ax.set(title=size, xlabel="step", ylabel="peak memory (GiB)")
+        ax.set_ylim(bottom=0)  # from zero, so a small difference looks small
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_memory_vs_step_time(points: list[dict], path: str | Path) -> None:
+    """points: {size, run, policy, step_time_ms, peak_memory_gb}; one panel per size."""
+    sizes = list(dict.fromkeys(p["size"] for p in points))
+    fig, axes = _grid(len(sizes), "Peak memory against step time")
+    for ax, size in zip(axes, sizes, strict=True):
+        for p in (p for p in points if p["size"] == size):
+            ax.scatter(p["step_time_ms"], p["peak_memory_gb"], color=COLORS.get(p["run"]),
+                       label=f"{p['run']} ({p['policy']})", s=40)
+        ax.set(title=size, xlabel="median step time (ms)", ylabel="peak memory (GiB)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    _save(fig, path)

@@ -1,0 +1,213 @@
+"""Peak training memory predicted from the config, before anything is allocated, and the
+largest batch that fits the device.
+
+The model follows one optimizer step through its phases and takes the largest total:
+
+  loss      end of forward: every layer's kept activations, plus the loss's working set
+  backward  block i's backward (top to bottom): the layers below i still keep their
+            activations, i's own are all alive (recomputed if checkpointed) with the
+            gradient temporaries, the gradients of the layers above exist
+  optimizer all gradients and AdamW states
+
+Sizes are in bytes per token x width (N*C, N = batch x block) for activations, per
+parameter for weights, per token x vocabulary (N*V) for the plain loss. The per-layer
+coefficients are counted from what autograd saves for each op (eager) and from what
+torch.compile's partitioner saves (compiled), see `_kept_per_layer`; tests check the eager
+ones against a tensor-by-tensor count on the CPU, the bench checks the whole against
+torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpointing import checkpointed_layers
+from .config.base import TrainConfig
+from .loss import chunk_tokens
+
+GIB = 1024**3
+FP32 = 4  # master weights, gradients, AdamW states, the residual stream and LayerNorm outputs
+# Allocated by CUDA libraries through the caching allocator once the first step has run
+# (cuBLAS/cuBLASLt workspaces and the like): 72-75 MiB on the H200 whatever the model size.
+CUDA_WORKSPACE = 72 * 2**20
+
+
+@dataclass
+class MemoryPrediction:
+    peak_gb: float  # the predicted peak of allocated memory
+    phase: str  # where in the step the peak falls
+    breakdown: dict[str, float]  # GiB by kind at the peak, summing to peak_gb
+    kept_per_layer_gb: float  # activations a layer keeps from forward to backward (mean)
+    batch_size: int
+    block_size: int
+    phases: dict[str, float] = field(default_factory=dict)  # every phase's total, GiB
+
+    def lines(self) -> list[str]:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.breakdown.items() if v >= 0.005)
+        return [f"predicted peak memory: {self.peak_gb:.2f} GiB at {self.phase} ({parts}; "
+                f"activations kept per layer {self.kept_per_layer_gb * 1024:.0f} MiB)"]
+
+
+def _kept_per_layer(policy: str, compiled: bool, a: int, dropout: bool) -> float:
+    """Bytes per N*C a block keeps for backward: the block input x and second residual x2
+    (fp32), and in the compute dtype (a bytes) the LayerNorm outputs cast for the matmuls,
+    q/k/v, the attention output, the MLP hidden h (4C) and GELU(h) (4C)."""
+    f = FP32
+    mask = 1 if dropout else 0  # a bool mask per element for each resid dropout (eager)
+    if compiled:
+        # what the min-cut partitioner keeps (counted on the H200 with torch 2.11): as much as
+        # eager without the weight casts, which it recomputes, and without dropout masks,
+        # which it regenerates from the seed
+        return {"none": 2 * f + 14 * a, "block": f, "attention": 2 * f + 8 * a,
+                "mlp": 2 * f + 5 * a, "selective": f + 10 * a}[policy]
+    return {
+        "none": 2 * f + 14 * a + 2 * mask,  # x, ln_1 out, qkv, attn out, x2, ln_2 out, h, gelu(h)
+        "block": f,  # the block input only
+        "attention": 3 * f + 9 * a + mask,  # x, attention input, x2, ln_2 out, h, gelu(h)
+        "mlp": 3 * f + 5 * a + mask,  # x, ln_1 out, qkv, attn out, x2, MLP input
+        "selective": f + 8 * a + 2 * (a + mask),  # x, qkv, attention output, h (and dropout)
+    }[policy]
+
+
+def _weight_copies(policy: str, compiled: bool, a: int) -> int:
+    """Parameters per C^2 whose compute-dtype copies a block keeps until its backward: eager
+    autocast keeps the casts of the matmul weights that run outside a checkpoint."""
+    if a == FP32 or compiled:
+        return 0
+    return {"none": 12, "attention": 8, "mlp": 4, "block": 0, "selective": 0}[policy]
+
+
+def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dtype,
+            compile: bool, batch_size: int | None = None) -> MemoryPrediction:
+    """Predicted peak allocated memory of one training step of `cfg` (batch_size overrides
+    the config's, for the batch-size search)."""
+    B, T = cfg.resolved_batch(device_type)
+    B = batch_size or B
+    mc = cfg.model_config(vocab_size, T)
+    L, C, H, V = mc.n_layer, mc.n_embd, mc.n_head, mc.padded_vocab_size
+    N = B * T
+    NC = N * C
+    a = FP32 if dtype == torch.float32 else 2  # compute dtype (autocast) bytes
+    f = FP32
+    dropout = mc.dropout > 0
+    compiled = compile
+
+    # 4 matmuls (12 C^2), their biases (9 C), two LayerNorms (2 C weights, 2 C biases)
+    n_layer_params = 12 * C * C + (13 * C if mc.bias else 2 * C)
+    n_params = L * n_layer_params + V * C + mc.block_size * C + (2 * C if mc.bias else C)
+    params, adamw = FP32 * n_params, 2 * FP32 * n_params
+    layer_grads = FP32 * n_layer_params
+    head_grad = FP32 * V * C  # the tied embedding/head gradient lives from loss to the end
+    small = 4 * N * H + 16 * N  # attention log-sum-exp, LayerNorm mean and rstd
+
+    ckpt = set(checkpointed_layers(mc))
+    policy = mc.checkpoint_policy
+    full = _kept_per_layer("none", compiled, a, dropout) * NC + small \
+        + _weight_copies("none", compiled, a) * C * C * a
+    kept = []
+    for i in range(L):
+        p = policy if i in ckpt else "none"
+        kept.append(_kept_per_layer(p, compiled, a, dropout) * NC + small
+                    + _weight_copies(p, compiled, a) * C * C * a)
+    offload = cfg.offload_activations
+    if cfg.activation_memory_budget < 1.0 and compiled:
+        # the partitioner keeps min + budget * (default - min), min = the block's input
+        b = cfg.activation_memory_budget
+        kept = [f * NC + b * (k - f * NC) for k in kept]
+        full = f * NC + b * (full - f * NC)
+    stem = f * NC + 8 * N + (N * C if dropout else 0)  # ln_f input, token ids, embedding mask
+    if offload:  # every saved tensor waits in host memory; one block's comes back at a time
+        kept_dev, stem_dev = [0.0] * L, 0.0
+    else:
+        kept_dev, stem_dev = kept, stem
+    # eager autocast caches the compute-dtype casts of the weights for the whole forward;
+    # the layers that keep theirs for backward count them in `kept` already
+    casts = 0 if (compiled or a == FP32) else a * C * C * sum(
+        12 - _weight_copies(policy if i in ckpt else "none", compiled, a) for i in range(L))
+
+    # the loss: plain keeps the (N, V) fp32 log-softmax, its backward needs three of those;
+    # lean holds only one chunk's logits and the two gradients it computed
+    if mc.lean_loss:
+        c = chunk_tokens(N, V)
+        # a chunk's logits, their fp32 copy and logsumexp's fp32 temporary (eager); the
+        # compiled kernel keeps two fp32 buffers and writes the gradient beside the logits
+        chunk_work = (2 * a + 8 if compiled else a + 8) * c * V
+        w_copy = 0 if a == FP32 else a * V * C
+        loss_fwd = w_copy + head_grad + f * NC + max(chunk_work, a * c * V + a * V * C)
+        loss_bwd = head_grad + f * NC
+    else:
+        w_copy = 0 if a == FP32 else a * V * C  # the head's cast, saved for its backward
+        loss_fwd = (a + 8) * N * V + a * NC + w_copy
+        loss_bwd = 12 * N * V + a * NC + w_copy
+
+    # gradient temporaries at the worst moment of a block's backward (the MLP output
+    # projection's): the incoming gradient (fp32), its cast to the compute dtype, the
+    # gradient of GELU(h) (4C); and the layer's weight gradients
+    bwd_tmp = (f + 4 * a + (a if a < f else 0)) * NC + layer_grads
+
+    phases: dict[str, dict[str, float]] = {}
+    other = CUDA_WORKSPACE if device_type == "cuda" else 0
+    # during the loss the final LayerNorm's output (the loss input, fp32) exists too
+    phases["loss"] = dict(params=params, optimizer=adamw, activations=sum(kept_dev) + stem_dev,
+                          working=0.0, loss=loss_fwd + casts + f * NC, grads=0.0, other=other)
+    phases["backward start"] = dict(params=params, optimizer=adamw,
+                                    activations=sum(kept_dev) + stem_dev, working=0.0,
+                                    loss=loss_bwd, grads=0.0, other=other)
+    in_backward = cfg.optimizer_in_backward
+    for i in reversed(range(L)):
+        above = 0 if in_backward else layer_grads * (L - 1 - i)
+        # a checkpointed layer rebuilds its full activations; others have kept them
+        own = full if i in ckpt else kept[i]
+        phases[f"backward of block {i}"] = dict(
+            params=params, optimizer=adamw, activations=sum(kept_dev[:i]) + stem_dev,
+            working=own + bwd_tmp, loss=0.0, grads=head_grad + above, other=other)
+    phases["optimizer step"] = dict(params=params, optimizer=adamw, activations=0.0,
+                                    working=0.0, loss=0.0,
+                                    grads=0.0 if in_backward else FP32 * n_params, other=other)
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    breakdown = {k: v / GIB for k, v in phases[peak_phase].items()}
+    return MemoryPrediction(peak_gb=totals[peak_phase] / GIB, phase=peak_phase,
+                            breakdown=breakdown, kept_per_layer_gb=sum(kept) / L / GIB,
+                            batch_size=B, block_size=T,
+                            phases={k: v / GIB for k, v in totals.items()})
+
+
+def device_memory_gb(device: torch.device) -> tuple[float, float]:
+    """(free, total) GiB: the CUDA device's, or the host's available and total RAM."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free / GIB, total / GIB
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        return info["MemAvailable"] / 1024**2, info["MemTotal"] / 1024**2
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        return total, total
+
+
+# Allocated memory is not all the device gives: the caching allocator's reserve rounds and
+# fragments (reserved/allocated ran 1.02-1.10 in the bench), so leave a margin.
+HEADROOM = 0.90
+
+
+def recommended_batch_size(cfg: TrainConfig, vocab_size: int, device_type: str,
+                           dtype: torch.dtype, compile: bool, free_gb: float) -> int:
+    """The largest batch whose predicted peak fits in HEADROOM x free_gb (0 if none does)."""
+
+    def fits(b: int) -> bool:
+        return predict(cfg, vocab_size, device_type, dtype, compile, b).peak_gb <= HEADROOM * free_gb
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi) and hi < 1 << 16:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

@@ -1,0 +1,185 @@
+"""Verification that activation checkpointing saves memory without changing training.
+
+Each model size has a baseline and a checkpointed run with one seed and one data order
+(neuromanifold_gpt/pipeline.py makes them). `compare` judges the pair: a pass needs a
+peak-memory reduction above the threshold in params.yaml (or a baseline that ran out of
+memory where the checkpointed run fit), no failed run, and losses that agree. The verify
+stage and verify_gradient_checkpointing.py print its verdict as the RESULTS block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tabulate import tabulate
+
+from .metrics import read_json
+from .pipeline import RUNS, pick, run_files
+
+# Settings both runs of a pair must share, or their peaks are not comparable.
+SAME_SETTINGS = ("preset", "params", "batch_size", "block_size", "gradient_accumulation_steps",
+                 "iters", "device", "dtype")
+RUN_KEYS = SAME_SETTINGS + ("gradient_checkpointing", "policy", "device_name", "torch_version",
+                            "peak_memory_gb", "peak_memory_source", "step_time_ms",
+                            "final_train_loss", "final_val_loss", "last_step_loss")
+# What a result says about the runs (from the checkpointed run, or the baseline if it ran out).
+DESCRIBED = ("params", "policy", "batch_size", "block_size", "device", "device_name", "dtype",
+             "torch_version", "peak_memory_source")
+RULE = "=" * 80
+
+
+# -- judging a pair ---------------------------------------------------------------------------
+@dataclass
+class Criteria:
+    threshold_pct: float  # a pass needs a peak-memory reduction above this
+    expected_range_pct: tuple[float, float]  # the reduction the design expects (wording only)
+    loss_tolerance: float  # largest allowed |loss difference| between the two runs
+
+    @classmethod
+    def from_params(cls, params: dict, device_type: str, size: str) -> Criteria:
+        v = params["verify"]
+        try:
+            low, high = (float(x) for x in pick(v["expected_range_pct"], device_type, size))
+            return cls(float(pick(v["threshold_pct"], device_type, size)), (low, high),
+                       float(pick(v["loss_tolerance"], device_type, size)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"params.yaml verify section is incomplete or malformed ({e}); it needs "
+                             f"threshold_pct, expected_range_pct: [low, high], loss_tolerance") from None
+
+
+def read_run(path: str | Path) -> dict:
+    """One run's metrics, checked to hold what the comparison needs."""
+    data = read_json(path, required=("oom", "preset"))
+    if data["oom"]:
+        return data
+    data = read_json(path, required=RUN_KEYS)
+    for key in ("peak_memory_gb", "step_time_ms", "final_train_loss", "final_val_loss",
+                "last_step_loss"):
+        value = data[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"metrics file {path}: {key} is {value!r}, not a number; re-run the "
+                             f"training with max_iters >= 2 (the first step is warm-up)")
+    return data
+
+
+def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> dict:
+    """The verdict on one size's pair, as a flat dict (an entry of metrics/verify.json)."""
+    if not optimized["oom"] and not optimized["gradient_checkpointing"]:
+        raise ValueError(f"the checkpointed run of {size} had gradient_checkpointing off; set "
+                         f"checkpointing.gradient_checkpointing: true in params.yaml")
+    if not baseline["oom"] and baseline["gradient_checkpointing"]:
+        raise ValueError(f"the baseline run of {size} had gradient_checkpointing on; it must be off")
+    figures = dict.fromkeys(("reduction_gb", "reduction_pct", "step_time_ratio", "loss_diff"))
+    if optimized["oom"]:
+        verdict = "✗ FAILURE: the checkpointed run ran out of memory"
+    elif baseline["oom"]:
+        verdict = "✓ SUCCESS: the baseline ran out of memory; with checkpointing the run fits"
+    else:
+        for key in SAME_SETTINGS:
+            if baseline[key] != optimized[key]:
+                raise ValueError(f"the two runs of {size} differ in {key} ({baseline[key]} vs "
+                                 f"{optimized[key]}); re-run both with the same settings")
+        b, o = baseline["peak_memory_gb"], optimized["peak_memory_gb"]
+        figures = {"reduction_gb": b - o, "reduction_pct": 100 * (b - o) / b,
+                   "step_time_ratio": optimized["step_time_ms"] / baseline["step_time_ms"],
+                   "loss_diff": max(abs(baseline[k] - optimized[k]) for k in
+                                    ("final_train_loss", "final_val_loss", "last_step_loss"))}
+        verdict = _verdict(figures, criteria)
+    ran = baseline if optimized["oom"] else optimized
+    return {"size": size, "passed": verdict.startswith("✓"), "verdict": verdict,
+            "baseline_oom": bool(baseline["oom"]), "optimized_oom": bool(optimized["oom"]),
+            "baseline_peak_gb": None if baseline["oom"] else baseline["peak_memory_gb"],
+            "optimized_peak_gb": None if optimized["oom"] else optimized["peak_memory_gb"],
+            **figures, **{k: ran.get(k) for k in DESCRIBED}, **asdict(criteria)}
+
+
+def _verdict(figures: dict, criteria: Criteria) -> str:
+    pct, (low, high) = figures["reduction_pct"], criteria.expected_range_pct
+    expected = f"expected range ({low:g}-{high:g}%)"
+    if figures["loss_diff"] > criteria.loss_tolerance:
+        return (f"✗ FAILURE: losses differ by {figures['loss_diff']:.3g} (tolerance "
+                f"{criteria.loss_tolerance:g}): checkpointing changed training")
+    if pct <= criteria.threshold_pct:
+        return (f"✗ FAILURE: Memory reduction ({pct:.1f}%) is not above the threshold "
+                f"({criteria.threshold_pct:g}%)")
+    if low <= pct <= high:
+        return f"✓ SUCCESS: Memory reduction ({pct:.1f}%) is within {expected}"
+    if pct > high:
+        return f"✓ SUCCESS: Memory reduction ({pct:.1f}%) is above the {expected}"
+    return (f"✓ SUCCESS: Memory reduction ({pct:.1f}%) is above the threshold "
+            f"({criteria.threshold_pct:g}%) but below the {expected}")
+
+
+# -- reporting ---------------------------------------------------------------------------------
+def _gb(value) -> str:
+    return "out of memory" if value is None else f"{value:.3f} GB"
+
+
+def results_block(result: dict) -> str:
+    """The RESULTS block for one size."""
+    if result["reduction_gb"] is None:
+        reduction = "n/a (a run ran out of memory)"
+    else:
+        reduction = f"{result['reduction_gb']:.3f} GB ({result['reduction_pct']:.1f}%)"
+    return "\n".join([
+        "RESULTS", RULE, "",
+        f"  {'Baseline peak memory:':<25}{_gb(result['baseline_peak_gb'])}",
+        f"  {'Optimized peak memory:':<25}{_gb(result['optimized_peak_gb'])}",
+        f"  {'Memory reduction:':<25}{reduction}", "",
+        f"  {result['verdict']}", "",
+        "VERIFICATION PASSED ✓" if result["passed"] else "VERIFICATION FAILED ✗",
+    ])
+
+
+def describe(result: dict) -> str:
+    """One line naming what a RESULTS block is about."""
+    params = f"{result['params'] / 1e6:.2f}M parameters, " if result["params"] else ""
+    return (f"{result['size']}: {params}batch {result['batch_size']} x {result['block_size']}, "
+            f"policy {result['policy']}, {result['device_name']}, {result['dtype']}, "
+            f"torch {result['torch_version']}; peak from {result['peak_memory_source']}")
+
+
+def results_table(results: list[dict]) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    rows = [[r["size"], fmt(r["baseline_peak_gb"], ".3f") if not r["baseline_oom"] else "OOM",
+             fmt(r["optimized_peak_gb"], ".3f") if not r["optimized_oom"] else "OOM",
+             fmt(r["reduction_gb"], ".3f"), fmt(r["reduction_pct"], ".1f"),
+             fmt(r["step_time_ratio"], ".2f"), fmt(r["loss_diff"], ".2g"),
+             f"{r['threshold_pct']:g}", "pass" if r["passed"] else "FAIL"] for r in results]
+    return tabulate(rows, headers=["size", "baseline GB", "optimized GB", "saved GB", "saved %",
+                                   "step time x", "loss diff", "threshold %", "result"],
+                    disable_numparse=True)
+
+
+def report(results: list[dict]) -> str:
+    """A RESULTS block per size, then (for several sizes) the table and the overall verdict."""
+    parts = [f"{describe(r)}\n{results_block(r)}" for r in results]
+    if len(results) > 1:
+        failed = [r["size"] for r in results if not r["passed"]]
+        parts += [results_table(results),
+                  f"{len(results) - len(failed)} of {len(results)} sizes passed"
+                  + (f" ({', '.join(failed)} failed)" if failed else "") + ": "
+                  + ("VERIFICATION FAILED ✗" if failed else "VERIFICATION PASSED ✓")]
+    return "\n\n".join(parts)
+
+
+def verify_metrics(results: list[dict]) -> dict:
+    """metrics/verify.json: the overall pass flag and, per size, the comparison's figures."""
+    drop = ("size", "verdict")
+    return {"passed": all(r["passed"] for r in results),
+            "sizes": {r["size"]: {k: v for k, v in r.items() if k not in drop} for r in results}}
+
+
+def verify_pairs(params: dict, sizes: list[str], root: str | Path = ".") -> list[dict]:
+    """Read and judge the pair of each size (metrics files under root)."""
+    results = []
+    for size in sizes:
+        baseline, optimized = (read_run(run_files(size, run, root)["metrics"]) for run in RUNS)
+        ran = baseline if optimized["oom"] else optimized
+        device_type = ran.get("device", "cuda")  # only CUDA runs out of memory, recording no device
+        results.append(compare(size, baseline, optimized,
+                               Criteria.from_params(params, device_type, size)))
+    return results

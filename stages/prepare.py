@@ -1,0 +1,35 @@
+"""DVC stage: prepare every dataset the model sizes train on.
+
+    python3 stages/prepare.py
+
+Reads params.yaml's `data` section. The corpus comes from `local` when that file exists (an
+offline copy), else from `url` through the download cache; either way it must match `sha256`.
+Writes data/shakespeare_char (one token per character) and data/shakespeare (GPT-2 BPE)."""
+
+import sys
+from pathlib import Path
+
+from neuromanifold_gpt import data
+from neuromanifold_gpt.pipeline import load_params
+
+
+def main() -> int:
+    try:
+        params = load_params("data")["data"]
+        missing = [k for k in ("url", "sha256") if not params.get(k)]
+        if missing:
+            raise ValueError(f"params.yaml data lacks {', '.join(missing)}; restore it from git")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    local = params.get("local")
+    source = local if local and Path(local).is_file() else params["url"]
+    for name in data.PREPARERS:
+        status = data.main([name, "--source", source, "--sha256", params["sha256"]])
+        if status:
+            return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""DVC stage: the plots of every size's pair of runs.
+
+    python3 stages/report.py
+
+Reads metrics/train/SIZE/RUN.json and plots/train/SIZE/RUN.tsv for params.yaml's sizes; writes
+plots/memory_vs_step_time.tsv (for `dvc plots show`) and, for offline readers, the PNGs
+plots/memory_per_step.png and plots/memory_vs_step_time.png. Runs that ran out of memory have
+no step time and appear in neither."""
+
+import sys
+
+from neuromanifold_gpt.metrics import write_tsv
+from neuromanifold_gpt.pipeline import RUNS, load_params, run_files
+from neuromanifold_gpt.plots import plot_memory_per_step, plot_memory_vs_step_time, read_trace
+from neuromanifold_gpt.verify import read_run
+
+COLUMNS = ["size", "run", "policy", "step_time_ms", "peak_memory_gb"]
+
+
+def main() -> int:
+    try:
+        sizes = list(load_params("sizes")["sizes"])
+        runs = {(size, run): read_run(run_files(size, run)["metrics"]) for size in sizes for run in RUNS}
+        traces = {size: {run: read_trace(run_files(size, run)["trace"]) for run in RUNS}
+                  for size in sizes}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, KeyError) as e:
+        print(f"error: a memory trace is missing or damaged ({e}); re-run the training stages "
+              f"(dvc repro --force)", file=sys.stderr)
+        return 2
+    points = [dict(size=size, run=run, **{k: m[k] for k in COLUMNS[2:]})
+              for (size, run), m in runs.items() if not m["oom"]]
+    write_tsv("plots/memory_vs_step_time.tsv", COLUMNS, [tuple(p.values()) for p in points])
+    plot_memory_per_step(traces, "plots/memory_per_step.png")
+    plot_memory_vs_step_time(points, "plots/memory_vs_step_time.png")
+    print(f"plots: {len(points)} runs of {len(sizes)} sizes -> plots/memory_per_step.png, "
+          f"plots/memory_vs_step_time.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

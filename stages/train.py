@@ -1,0 +1,49 @@
+"""DVC stage: one training run of one model size, as params.yaml describes it.
+
+    python3 stages/train.py SIZE baseline|checkpointed
+
+Runs train.py with the size's config file and params.yaml's `train`, `sizes.SIZE` and (for
+the checkpointed run) `checkpointing` sections, resolved for the device it lands on. Writes
+metrics/train/SIZE/RUN.json, plots/train/SIZE/RUN.tsv (memory per step) and logs/SIZE/RUN.log.
+A CUDA out-of-memory is a result, not a failure: the metrics say oom: true and the verify
+stage judges it."""
+
+import argparse
+import sys
+
+from neuromanifold_gpt.metrics import write_tsv
+from neuromanifold_gpt.pipeline import (
+    EXIT_OOM,
+    RUNS,
+    load_params,
+    processes,
+    run_device_type,
+    run_files,
+    run_training,
+    training_args,
+)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("size", help="a key of params.yaml's sizes")
+    parser.add_argument("run", choices=RUNS)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params("train", "sizes", "checkpointing")
+        files = run_files(args.size, args.run)
+        device_type = run_device_type(params)
+        train_args = training_args(params, args.size, args.run, device_type, files)
+        nproc = processes(params, device_type)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = run_training(train_args, files["log"], nproc)  # nproc > 1: through torchrun
+    if status == EXIT_OOM:  # the run never reached a step: its trace is empty, not missing
+        write_tsv(files["trace"], ["step", "loss", "peak_memory_gb", "peak_reserved_gb"], [])
+        return 0
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

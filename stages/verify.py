@@ -1,0 +1,33 @@
+"""DVC stage: judge each model size's pair of runs and print the RESULTS.
+
+    python3 stages/verify.py
+
+Reads every size's metrics/train/SIZE/{baseline,checkpointed}.json and params.yaml's `verify`
+section; writes metrics/verify.json and prints a RESULTS block per size, a table over all
+sizes and the overall verdict. Exit status: 0 every size passed, 1 one failed (so the stage
+fails), 2 metrics missing or corrupt."""
+
+import sys
+
+from neuromanifold_gpt.metrics import write_json
+from neuromanifold_gpt.pipeline import load_params
+from neuromanifold_gpt.verify import report, verify_metrics, verify_pairs
+
+VERIFY_FILE = "metrics/verify.json"
+
+
+def main() -> int:
+    try:
+        params = load_params("sizes", "verify")
+        results = verify_pairs(params, list(params["sizes"]))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report(results))
+    summary = verify_metrics(results)
+    write_json(VERIFY_FILE, summary)
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

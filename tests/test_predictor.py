@@ -1,0 +1,169 @@
+"""The memory predictor: its figures against counted memory, the recommended batch size,
+the startup report, the metrics, and the out-of-memory exit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from neuromanifold_gpt import build_model, levers
+from neuromanifold_gpt.config.base import TrainConfig
+from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.predictor import GIB, predict, recommended_batch_size
+from neuromanifold_gpt.trainer import Trainer, make_optimizer
+
+VOCAB = 200
+
+
+@pytest.mark.parametrize("preset, bias", [("gpt2", None), ("shakespeare_char", None),
+                                          ("gpt2", False)])
+def test_weights_gradients_and_adamw_states_are_counted_exactly(preset, bias):
+    cfg = TrainConfig(preset=preset, bias=bias)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(cfg.model_config(VOCAB, 128)).parameters())
+    p = predict(cfg, VOCAB, "cpu", torch.float32, compile=False)
+    b = p.breakdown
+    assert b["params"] * GIB == 4 * n and b["optimizer"] * GIB == 8 * n
+    assert p.phases["optimizer step"] * GIB == 16 * n  # weights + grads + AdamW, nothing else
+
+
+def _tracked_peak_gb(cfg: TrainConfig, dtype: torch.dtype) -> float:
+    """Peak of every tensor alive during one training step (after a warm-up step), counted
+    tensor by tensor: on the CPU nothing else holds memory the predictor should know of."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    B, T = cfg.resolved_batch("cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config(VOCAB, T))
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, VOCAB, (B, T))
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast, levers.forward_context(cfg):
+            loss = model(x, x)[1]
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / GIB
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(lean_loss=True),
+    dict(gradient_checkpointing=True),
+    dict(gradient_checkpointing=True, checkpoint_policy="attention", lean_loss=True),
+    dict(gradient_checkpointing=True, checkpoint_policy="mlp", lean_loss=True),
+    dict(gradient_checkpointing=True, checkpoint_policy="selective", lean_loss=True),
+    dict(gradient_checkpointing=True, lean_loss=True, optimizer_in_backward=True, grad_clip=0.0),
+], ids=["plain", "lean", "block", "attention", "mlp", "selective", "in-backward"])
+def test_eager_prediction_within_10_percent_of_counted_peak(overrides, dtype):
+    cfg = TrainConfig(preset="gpt2", n_layer=3, n_embd=128, n_head=4, batch_size=4,
+                      block_size=128, **overrides)
+    measured = _tracked_peak_gb(cfg, dtype)
+    predicted = predict(cfg, VOCAB, "cpu", dtype, compile=False).peak_gb
+    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
+def test_levers_lower_the_prediction_where_they_act():
+    def peak(**kw):
+        cfg = TrainConfig(preset="gpt2", batch_size=12, block_size=1024, **kw)
+        return predict(cfg, 50257, "cuda", torch.bfloat16, compile=True).peak_gb
+
+    plain, lean = peak(), peak(lean_loss=True)
+    block = peak(lean_loss=True, gradient_checkpointing=True)
+    budget = peak(lean_loss=True, activation_memory_budget=0.25)
+    offload = peak(lean_loss=True, gradient_checkpointing=True, offload_activations=True)
+    assert block < budget < lean < plain
+    assert offload < block
+
+
+def test_recommended_batch_size_is_the_largest_that_fits():
+    cfg = TrainConfig(preset="gpt2", block_size=1024)
+    args = (cfg, 50257, "cuda", torch.bfloat16, True)
+    b = recommended_batch_size(*args, free_gb=40.0)
+    assert predict(*args, batch_size=b).peak_gb <= 0.9 * 40.0
+    assert predict(*args, batch_size=b + 1).peak_gb > 0.9 * 40.0
+    assert recommended_batch_size(*args, free_gb=0.5) == 0  # not even one sequence
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 65, 20_000)
+    write_dataset(tmp_path / "data" / "tiny", ids, dict(vocab_size=65))
+    return str(tmp_path / "data")
+
+
+def _args(data_dir, tmp_path, *extra):
+    return ["--dataset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"),
+            "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--batch_size", "2",
+            "--block_size", "16", "--max_iters", "2", "--eval_iters", "1",
+            "--metrics_file", str(tmp_path / "metrics.json"), *extra]
+
+
+def test_startup_report_and_metrics_carry_the_prediction(data_dir, tmp_path, capsys):
+    assert train.main(_args(data_dir, tmp_path, "--lean_loss", "true")) == 0
+    out = capsys.readouterr().out
+    assert "compile: off (auto); memory levers: lean loss" in out
+    assert "predicted peak memory:" in out and "recommended batch size:" in out
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["predicted_peak_gb"] > 0 and m["recommended_batch_size"] > 0
+    assert m["predicted/measured"] is None  # a CPU run measures the process, not tensors
+    assert m["compile"] is False and m["lean_loss"] is True and m["oom"] is False
+
+
+def test_cuda_out_of_memory_ends_with_one_line_exit_3_and_metrics(data_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    def out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    assert train.main(_args(data_dir, tmp_path)) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "GiB (predicted)" in err[0] and "the device has" in err[0]
+    assert "--batch_size" in err[0]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["oom"] is True and m["batch_size"] == 2
+    assert m["predicted_peak_gb"] > 0 and m["recommended_batch_size"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overrides", [dict(), dict(gradient_checkpointing=True, lean_loss=True)])
+def test_prediction_within_10_percent_of_cuda_peak(data_dir, tmp_path, overrides):
+    from neuromanifold_gpt.trainer import train as run
+
+    cfg = TrainConfig(dataset="tiny", data_dir=data_dir, preset="gpt2", n_layer=4, batch_size=8,
+                      block_size=512, max_iters=3, eval_iters=1, compile=False, **overrides)
+    m = run(cfg, quiet=True)
+    assert abs(m["predicted/measured"] - 1) < 0.10
+
+
+def test_bench_quick_writes_json_table_and_plot(tmp_path):
+    import bench
+
+    assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path),
+                       "--only", "none,block +lean"]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    labels = [r["label"] for r in data["rows"]]
+    assert labels[:2] == ["eager none", "eager none +lean"] and "eager block +lean" in labels
+    base = next(r for r in data["rows"] if r["label"] == data["rows"][0]["baseline"])
+    assert base["recompute"] == "none" and base["mem_vs_baseline"] == 1.0
+    assert all(r["step_ms"] > 0 and r["peak_allocated_gb"] > 0 for r in data["rows"])
+    assert "| eager block +lean" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    # the report mode rebuilds the same table from the JSON
+    assert bench.main(["--report", str(tmp_path / "bench.json"), "--out_dir",
+                       str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
