@@ -16,6 +16,7 @@ from neuromanifold_gpt.pipeline import (
     EXIT_OOM,
     RUNS,
     load_params,
+    processes,
     run_device_type,
     run_files,
     run_training,
@@ -42,11 +43,12 @@ def main(argv: list[str]) -> int:
         runs = {run: run_files(args.size, run, args.out) for run in RUNS}
         commands = {run: training_args(params, args.size, run, device_type, files) + overrides
                     for run, files in runs.items()}
+        nproc = processes(params, device_type)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for run, files in runs.items():
-        status = run_training(commands[run], files["log"])
+        status = run_training(commands[run], files["log"], nproc)
         if status == 2:  # train.py has said what was wrong with the settings
             return 2
         if status not in (0, EXIT_OOM):

@@ -138,12 +138,13 @@ class BatchLoader:
             with open(meta_path, "rb") as f:
                 self.meta = pickle.load(f)
             self.vocab_size = int(self.meta["vocab_size"])
+            counts = {split: int(self.meta[f"{split}_tokens"]) for split in ("train", "val")}
         except Exception as e:
             raise ValueError(f"{meta_path} is corrupt ({e}); prepare the dataset again") from None
         self.tokens = {}
         for split in ("train", "val"):
             path = self.dir / f"{split}.bin"
-            expected = self.meta.get(f"{split}_tokens")
+            expected = counts[split]
             size = path.stat().st_size if path.is_file() else -1
             if size != 2 * expected:
                 state = "missing" if size < 0 else f"{size} bytes, expected {2 * expected}"
@@ -156,7 +157,7 @@ class BatchLoader:
         self.generator = torch.Generator().manual_seed(seed)
 
     def get_batch(self, split: str):
-        # a fresh memmap per batch avoids a memory leak (numpy/numpy#... as in nanoGPT)
+        # a fresh memmap per batch, as nanoGPT does: a long-lived one keeps growing in memory
         data = np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
         ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=self.generator)
         x = torch.stack([torch.from_numpy(data[i: i + self.block_size].astype(np.int64)) for i in ix])

@@ -34,13 +34,12 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
-def _reset_cpu_peak() -> bool:
+def _reset_cpu_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
     except OSError:
-        return False
+        pass  # not Linux: measure() falls back to the lifetime peak and says so
 
 
 def reset_peak(device: torch.device) -> None:

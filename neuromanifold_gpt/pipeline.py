@@ -18,6 +18,8 @@ import yaml
 DEVICES = ("cpu", "cuda")
 RUNS = ("baseline", "checkpointed")
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+CHECKPOINTING_KEYS = ("gradient_checkpointing", "checkpoint_policy", "checkpoint_every",
+                      "checkpoint_layers")
 EXIT_OOM = 3  # train.py's exit status for CUDA out of memory; its metrics then say oom: true
 
 
@@ -86,6 +88,10 @@ def training_args(params: dict, size: str, run: str, device_type: str,
     args = ["--config", str(settings.pop("config"))]
     checkpointing = (params["checkpointing"] if run == "checkpointed"
                      else {"gradient_checkpointing": False})
+    other = [k for k in checkpointing if k not in CHECKPOINTING_KEYS]
+    if other:  # a lever set for one run only would be credited to checkpointing
+        raise ValueError(f"params.yaml checkpointing: may set only {', '.join(CHECKPOINTING_KEYS)}; "
+                         f"move {', '.join(other)} to train: (both runs)")
     for section in (params["train"], settings, checkpointing):
         args += [_arg(k, pick(v, device_type)) for k, v in section.items() if k != "nproc"]
     return args + [_arg("metrics_file", files["metrics"]), _arg("memory_trace_file", files["trace"])]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import build_model, distributed, levers
+from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .data import BatchLoader
 from .memory import MemoryMonitorCallback
@@ -123,8 +124,6 @@ class Trainer:
         self.recommended_batch_size = recommended_batch_size(
             cfg, self.loader.vocab_size, self.device.type, self.dtype, self.compile, self.free_gb)
         self.model = build_model(self.model_config).to(self.device)
-        from .checkpointing import checkpointed_layers
-
         self.layers = checkpointed_layers(self.model_config)
         if self.dist.world_size > 1:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
@@ -351,7 +350,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
     try:
         metrics = trainer.run()
     except torch.cuda.OutOfMemoryError as e:
-        b = trainer.recommended_batch_size
+        b = min(trainer.recommended_batch_size or 0, trainer.batch_size - 1)  # smaller than what failed
         advice = (f"--batch_size {b}" if b else "batch_size 1 does not fit either; try "
                   "--gradient_checkpointing true --lean_loss true")
         metrics = {"preset": cfg.preset, "oom": True, "error": str(e).splitlines()[0],

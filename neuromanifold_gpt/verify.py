@@ -18,8 +18,10 @@ from .metrics import read_json
 from .pipeline import RUNS, pick, run_files
 
 # Settings both runs of a pair must share, or their peaks are not comparable.
+# The memory levers are among them: a saving must be checkpointing's own.
 SAME_SETTINGS = ("preset", "params", "batch_size", "block_size", "gradient_accumulation_steps",
-                 "iters", "device", "dtype")
+                 "iters", "device", "dtype", "world_size", "compile", "lean_loss",
+                 "offload_activations", "optimizer_in_backward", "activation_memory_budget")
 RUN_KEYS = SAME_SETTINGS + ("gradient_checkpointing", "policy", "device_name", "torch_version",
                             "peak_memory_gb", "peak_memory_source", "step_time_ms",
                             "final_train_loss", "final_val_loss", "last_step_loss")

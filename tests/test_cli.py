@@ -1,5 +1,6 @@
 """The nanoGPT-style CLI: overrides, types, and one clear line (exit 2) for every bad input."""
 
+import pickle
 import subprocess
 import sys
 
@@ -40,6 +41,8 @@ BAD = {
     "missing config file": (["--config", "config/nope.py"], "config file 'config/nope.py' not found"),
     "missing value": (["--max_iters"], "--max_iters needs a value"),
     "huge block": (["--block_size", "100000"], "too large"),
+    "bad device": (["--device", "cuda:x"], "device='cuda:x'"),
+    "float16 without loss scaling": (["--dtype", "float16"], "dtype='float16'"),
 }
 
 
@@ -54,7 +57,7 @@ def test_bad_input_one_line_exit_2(case, tiny_args, tmp_path, capsys):
     assert not metrics.exists()
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "meta without counts"])
 def test_missing_or_truncated_dataset(damage, tiny_args, data_dir, tmp_path, capsys):
     import shutil
 
@@ -63,11 +66,13 @@ def test_missing_or_truncated_dataset(damage, tiny_args, data_dir, tmp_path, cap
     train_bin = copy / "tiny" / "train.bin"
     if damage == "missing":
         train_bin.unlink()
+    elif damage == "meta without counts":  # as nanoGPT's own prepare scripts write it
+        (copy / "tiny" / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
     else:
         train_bin.write_bytes(train_bin.read_bytes()[:1000])
     code = train.main(tiny_args + ["--data_dir", str(copy), "--metrics_file", str(tmp_path / "m.json")])
     err = capsys.readouterr().err
-    assert code == 2 and "train.bin" in err and "prepare the dataset again" in err
+    assert code == 2 and "prepare the dataset again" in err and err.count("\n") == 1
     assert not (tmp_path / "m.json").exists()
 
 

@@ -97,3 +97,12 @@ def test_flipping_the_policy_remeasures_only_the_checkpointed_run(repo):
              if f.is_file()]
     assert "python3 stages/prepare.py" in saved
     assert not [cmd for cmd in saved if "stages/train.py" in cmd]
+
+
+def test_a_memory_lever_for_the_checkpointed_run_only_is_refused():
+    from neuromanifold_gpt.pipeline import load_params, run_files, training_args
+
+    params = load_params(path=ROOT / "params.yaml")
+    params["checkpointing"] = dict(params["checkpointing"], lean_loss=True)
+    with pytest.raises(ValueError, match="move lean_loss to train:"):
+        training_args(params, "gpt2", "checkpointed", "cpu", run_files("gpt2", "checkpointed"))

@@ -27,7 +27,9 @@ def run(peak, checkpointed, loss=2.0, **changes) -> dict:
             "policy": "block" if checkpointed else "none", "device_name": "NVIDIA H200",
             "torch_version": "2.11.0", "peak_memory_gb": peak,
             "peak_memory_source": "torch.cuda.max_memory_allocated", "step_time_ms": 100.0,
-            "final_train_loss": loss, "final_val_loss": loss, "last_step_loss": loss} | changes
+            "final_train_loss": loss, "final_val_loss": loss, "last_step_loss": loss,
+            "world_size": 1, "compile": True, "lean_loss": False, "offload_activations": False,
+            "optimizer_in_backward": False, "activation_memory_budget": 1.0} | changes
 
 
 OOM = {"oom": True, "preset": "gpt2", "error": "CUDA out of memory", "device_name": "NVIDIA H200",
@@ -168,3 +170,8 @@ def test_stage_refuses_bad_metrics(stage_dir, capsys, damage, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and str(metrics) in err
     assert not Path("metrics/verify.json").exists()
+
+
+def test_a_saving_from_another_lever_is_not_credited_to_checkpointing():
+    with pytest.raises(ValueError, match="differ in lean_loss"):
+        compare("gpt2", run(12.5, False), run(3.0, True, lean_loss=True), CUDA)

@@ -4,6 +4,7 @@ and the one table of model presets."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 # One source of truth for model sizes. batch_size/block_size are the per-device defaults
@@ -114,7 +115,7 @@ class TrainConfig:
     init_from: str = "scratch"  # scratch | resume (from out_dir/snapshot.pt)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool | None = None  # torch.compile each block (None = on CUDA, not on CPU)
     seed: int = 1337  # seeds weights, dropout and the data order
     # distributed (only under torchrun)
@@ -125,8 +126,9 @@ class TrainConfig:
         _check_choice("preset", self.preset, tuple(PRESETS))
         _check_choice("checkpoint_policy", self.checkpoint_policy, POLICIES)
         _check_choice("init_from", self.init_from, ("scratch", "resume"))
-        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        # no float16: it needs loss scaling (GradScaler), which bf16 does without
+        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         for name in ("n_layer", "n_head", "n_embd", "batch_size", "block_size", "checkpoint_layers",
                      "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
