@@ -33,7 +33,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NEUROMANIFOLD_CACHE", Path.home() / ".cache" / "neuromanifold_gpt"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -45,11 +45,11 @@ def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
         if not path.is_file():
             raise ValueError(f"corpus {source} not found; give the path of tiny shakespeare's "
                              f"input.txt or its URL {CORPUS_URL}")
-        if _sha256(path) != sha256:
+        if sha256_of(path) != sha256:
             raise ValueError(f"corpus {source} has the wrong sha256 (expected {sha256}); it is "
                              f"not tiny shakespeare's input.txt or it is damaged")
         _atomic_copy(path, cached)
-    elif not (cached.is_file() and _sha256(cached) == sha256):
+    elif not (cached.is_file() and sha256_of(cached) == sha256):
         try:
             with urllib.request.urlopen(source, timeout=30) as r, tempfile.NamedTemporaryFile(
                     "wb", delete=False) as tmp:
@@ -57,7 +57,7 @@ def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
         except OSError as e:
             raise ValueError(f"could not download {source} ({e}); offline, pass --source "
                              f"/path/to/input.txt or copy the file to {cached}") from None
-        if _sha256(Path(tmp.name)) != sha256:
+        if sha256_of(Path(tmp.name)) != sha256:
             os.unlink(tmp.name)
             raise ValueError(f"download of {source} has the wrong sha256 (expected {sha256})")
         _atomic_copy(Path(tmp.name), cached)

@@ -27,8 +27,8 @@ import torch
 from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .loss import chunk_tokens
+from .memory import GIB
 
-GIB = 1024**3
 FP32 = 4  # master weights, gradients, AdamW states, the residual stream and LayerNorm outputs
 # Allocated by CUDA libraries through the caching allocator once the first step has run
 # (cuBLAS/cuBLASLt workspaces and the like): 72-75 MiB on the H200 whatever the model size.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .data import cache_dir
+from .data import cache_dir, sha256_of
 
 # name -> (the URL tiktoken loads it from, the sha256 tiktoken requires), as written in
 # tiktoken_ext/openai_public.py's gpt2(); tests/test_bpe.py checks they still match.
@@ -37,10 +37,6 @@ def tiktoken_cache_dir() -> Path:
     return Path(os.environ["TIKTOKEN_CACHE_DIR"])
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _packaged_file(name: str) -> Path:
     try:
         path = Path(importlib.metadata.distribution(SOURCE_PACKAGE).locate_file(
@@ -58,10 +54,10 @@ def seed_tiktoken_cache() -> Path:
     cache = tiktoken_cache_dir()
     for name, (url, sha256) in GPT2_FILES.items():
         target = cache / hashlib.sha1(url.encode()).hexdigest()
-        if target.is_file() and _sha256(target) == sha256:
+        if target.is_file() and sha256_of(target) == sha256:
             continue
         source = _packaged_file(name)
-        if _sha256(source) != sha256:
+        if sha256_of(source) != sha256:
             raise ValueError(f"{source} does not have the sha256 tiktoken expects ({sha256}); "
                              f"reinstall {SOURCE_PACKAGE}")
         cache.mkdir(parents=True, exist_ok=True)

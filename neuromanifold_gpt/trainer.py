@@ -23,6 +23,9 @@ from .predictor import device_memory_gb, predict, recommended_batch_size
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
+TRACE_HEADER = ["step", "loss", "peak_memory_gb", "peak_reserved_gb"]  # memory_trace_file's columns
+
+
 class TrainingOOM(RuntimeError):
     """CUDA ran out of memory during training; the metrics record it."""
 
@@ -360,6 +363,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
                    "device_name": device_name(trainer.device), "torch_version": torch.__version__}
         if cfg.metrics_file:
             write_json(cfg.metrics_file, metrics)
+        if cfg.memory_trace_file:  # no step finished: an empty trace, not a missing one
+            write_tsv(cfg.memory_trace_file, TRACE_HEADER, [])
         raise TrainingOOM(
             f"batch_size {trainer.batch_size} x {trainer.block_size} needs about "
             f"{trainer.prediction.peak_gb:.1f} GiB (predicted); the device has "
@@ -373,7 +378,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
     if cfg.memory_trace_file and trainer.dist.is_main:  # rank 0's own steps
         peaks = {i: (p, r) for i, p, r in trainer.memory.trace}
         rows = [(i, loss, *peaks.get(i, (float("nan"), float("nan")))) for i, loss in losses]
-        write_tsv(cfg.memory_trace_file, ["step", "loss", "peak_memory_gb", "peak_reserved_gb"],
-                  rows)
+        write_tsv(cfg.memory_trace_file, TRACE_HEADER, rows)
     metrics["losses"] = [loss for _, loss in losses]
     return metrics

@@ -11,7 +11,6 @@ stage judges it."""
 import argparse
 import sys
 
-from neuromanifold_gpt.metrics import write_tsv
 from neuromanifold_gpt.pipeline import (
     EXIT_OOM,
     RUNS,
@@ -39,10 +38,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     status = run_training(train_args, files["log"], nproc)  # nproc > 1: through torchrun
-    if status == EXIT_OOM:  # the run never reached a step: its trace is empty, not missing
-        write_tsv(files["trace"], ["step", "loss", "peak_memory_gb", "peak_reserved_gb"], [])
-        return 0
-    return status
+    return 0 if status == EXIT_OOM else status  # an OOM is a result: its metrics say oom: true
 
 
 if __name__ == "__main__":

@@ -129,14 +129,16 @@ def test_cuda_out_of_memory_ends_with_one_line_exit_3_and_metrics(data_dir, tmp_
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train_step", out_of_memory)
-    assert train.main(_args(data_dir, tmp_path)) == 3
+    trace = tmp_path / "trace.tsv"
+    assert train.main(_args(data_dir, tmp_path) + ["--memory_trace_file", str(trace)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "GiB (predicted)" in err[0] and "the device has" in err[0]
     assert "--batch_size" in err[0]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["oom"] is True and m["batch_size"] == 2
-    assert m["predicted_peak_gb"] > 0 and m["recommended_batch_size"] > 0
+    assert m["predicted_peak_gb"] > 0 and 0 < m["recommended_batch_size"] < m["batch_size"]
+    assert trace.read_text() == "step\tloss\tpeak_memory_gb\tpeak_reserved_gb\n"  # empty, not missing
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
