@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.memory import measure, reset_peak
-from neuromanifold_gpt.metrics import read_json, write_json
+from neuromanifold_gpt.metrics import atomic_path, read_json, write_json
+from neuromanifold_gpt.plots import save_figure
 from neuromanifold_gpt.trainer import TrainingOOM, train
 
 VOCAB = {"shakespeare_char": 65, "gpt2": 50257, "gpt2-medium": 50257}
@@ -228,14 +230,9 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     presets = list(dict.fromkeys(r["preset"] for r in rows))
-    fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
-    for ax, preset in zip(axes[0], presets, strict=True):
+    fig = Figure(figsize=(6 * len(presets), 4.5), layout="constrained")
+    for ax, preset in zip(fig.subplots(1, len(presets), squeeze=False)[0], presets, strict=True):
         ok = [r for r in rows if r["preset"] == preset and "step_ms" in r]
         for impl, marker in (("ours", "o"), ("hf", "s")):
             sel = [r for r in ok if r["impl"] == impl]
@@ -248,9 +245,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.annotate(r["label"], (r["step_ms"], r["peak_allocated_gb"]), fontsize=6)
         ax.set(title=preset, xlabel="step time (ms)", ylabel="peak allocated (GiB)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -350,7 +345,8 @@ def report(out: Path, meta: dict, rows: list[dict]) -> None:
     add_ratios(rows)
     write_json(out / "bench.json", dict(meta, rows=rows))
     text = table(rows)
-    (out / "bench.md").write_text(f"{meta['device']}, torch {meta['torch_version']}\n\n{text}\n")
+    with atomic_path(out / "bench.md") as tmp:
+        tmp.write_text(f"{meta['device']}, torch {meta['torch_version']}\n\n{text}\n")
     plot(rows, out / "bench.png")
     print(text)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")

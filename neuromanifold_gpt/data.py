@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .metrics import atomic_path
+
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -48,28 +50,19 @@ def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
         if sha256_of(path) != sha256:
             raise ValueError(f"corpus {source} has the wrong sha256 (expected {sha256}); it is "
                              f"not tiny shakespeare's input.txt or it is damaged")
-        _atomic_copy(path, cached)
+        with atomic_path(cached) as tmp:
+            shutil.copyfile(path, tmp)
     elif not (cached.is_file() and sha256_of(cached) == sha256):
-        try:
-            with urllib.request.urlopen(source, timeout=30) as r, tempfile.NamedTemporaryFile(
-                    "wb", delete=False) as tmp:
-                shutil.copyfileobj(r, tmp)
-        except OSError as e:
-            raise ValueError(f"could not download {source} ({e}); offline, pass --source "
-                             f"/path/to/input.txt or copy the file to {cached}") from None
-        if sha256_of(Path(tmp.name)) != sha256:
-            os.unlink(tmp.name)
-            raise ValueError(f"download of {source} has the wrong sha256 (expected {sha256})")
-        _atomic_copy(Path(tmp.name), cached)
-        os.unlink(tmp.name)
+        with atomic_path(cached) as tmp:  # the cache gets the file only once it is verified
+            try:
+                with urllib.request.urlopen(source, timeout=30) as r, open(tmp, "wb") as f:
+                    shutil.copyfileobj(r, f)
+            except OSError as e:
+                raise ValueError(f"could not download {source} ({e}); offline, pass --source "
+                                 f"/path/to/input.txt or copy the file to {cached}") from None
+            if sha256_of(tmp) != sha256:
+                raise ValueError(f"download of {source} has the wrong sha256 (expected {sha256})")
     return cached.read_text(encoding="utf-8")
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def split_text(text: str) -> tuple[str, str]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .metrics import atomic_path
 
 COLORS = {"baseline": "tab:red", "checkpointed": "tab:blue"}
 
@@ -24,13 +24,9 @@ def read_trace(path: str | Path) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows] for k in ("step", "peak_memory_gb")}
 
 
-def _save(fig: Figure, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
-    os.replace(tmp, path)
+def save_figure(fig: Figure, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
 
 
 def _grid(n: int, title: str) -> tuple[Figure, list]:
@@ -52,7 +48,7 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -
         ax.set_ylim(bottom=0)  # from zero, so a small difference looks small
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_memory_vs_step_time(points: list[dict], path: str | Path) -> None:
@@ -67,4 +63,4 @@ def plot_memory_vs_step_time(points: list[dict], path: str | Path) -> None:
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)

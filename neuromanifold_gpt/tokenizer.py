@@ -18,6 +18,7 @@ from pathlib import Path
 import tiktoken
 
 from .data import cache_dir, sha256_of
+from .metrics import atomic_path
 
 # name -> (the URL tiktoken loads it from, the sha256 tiktoken requires), as written in
 # tiktoken_ext/openai_public.py's gpt2(); tests/test_bpe.py checks they still match.
@@ -60,10 +61,8 @@ def seed_tiktoken_cache() -> Path:
         if sha256_of(source) != sha256:
             raise ValueError(f"{source} does not have the sha256 tiktoken expects ({sha256}); "
                              f"reinstall {SOURCE_PACKAGE}")
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(source.read_bytes())
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(source.read_bytes())
     return cache
 
 

@@ -16,7 +16,7 @@ from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .data import BatchLoader
 from .memory import MemoryMonitorCallback
-from .metrics import write_json, write_tsv
+from .metrics import atomic_path, write_json, write_tsv
 from .predictor import device_memory_gb, predict, recommended_batch_size
 
 # Dense bf16 peak FLOP/s by device name, for MFU (the vendor's datasheet figures).
@@ -175,10 +175,8 @@ class Trainer:
             return
         state = {"model": model_state, "optimizer": optimizer_state, "iter_num": self.iter_num,
                  "config": self.cfg.to_dict(), "rng": rng_per_rank}
-        self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.snapshot_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.snapshot_path)
+        with atomic_path(self.snapshot_path) as tmp:
+            torch.save(state, tmp)
 
     def _load_snapshot(self) -> None:
         if not self.snapshot_path.is_file():
