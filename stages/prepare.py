@@ -9,6 +9,8 @@ Writes data/shakespeare_char (one token per character) and data/shakespeare (GPT
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
+
 from neuromanifold_gpt import data
 from neuromanifold_gpt.pipeline import load_params
 

@@ -8,6 +8,9 @@ plots/memory_per_step.png and plots/memory_vs_step_time.png. Runs that ran out o
 no step time and appear in neither."""
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt.metrics import write_tsv
 from neuromanifold_gpt.pipeline import RUNS, load_params, run_files

@@ -10,6 +10,9 @@ stage judges it."""
 
 import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt.pipeline import (
     EXIT_OOM,

@@ -8,6 +8,9 @@ sizes and the overall verdict. Exit status: 0 every size passed, 1 one failed (s
 fails), 2 metrics missing or corrupt."""
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt.metrics import write_json
 from neuromanifold_gpt.pipeline import load_params
