@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.errors import TrainingOOM, entry_point
+from neuromanifold_gpt.files import atomic_path, read_json, write_json
 from neuromanifold_gpt.memory import measure, reset_peak
-from neuromanifold_gpt.metrics import atomic_path, read_json, write_json
-from neuromanifold_gpt.plots import save_figure
-from neuromanifold_gpt.trainer import TrainingOOM, train
+from neuromanifold_gpt.plots import plot_bench
+from neuromanifold_gpt.trainer import train
 
 VOCAB = {"shakespeare_char": 65, "gpt2": 50257, "gpt2-medium": 50257}
 LEAN = dict(lean_loss=True)
@@ -100,11 +100,11 @@ def run_ours(preset: str, label: str, overrides: dict, data_dir: str, steps: int
              snapshot: Path | None) -> dict:
     B, T = shape
     model_kw = dict(n_layer=2, n_head=2, n_embd=64) if preset == "tiny" else {}
-    cfg = TrainConfig(preset="shakespeare_char" if preset == "tiny" else preset,
-                      dataset=f"bench_{preset}", data_dir=data_dir, batch_size=B, block_size=T,
-                      max_iters=steps + 1, eval_interval=10**6, eval_iters=1,
-                      log_interval=10**6, warmup_iters=0, decay_lr=False,
-                      **model_kw, **overrides)
+    cfg = TrainConfig.from_flags(preset="shakespeare_char" if preset == "tiny" else preset,
+                                 dataset=f"bench_{preset}", data_dir=data_dir, batch_size=B,
+                                 block_size=T, max_iters=steps + 1, eval_interval=10**6,
+                                 eval_iters=1, log_interval=10**6, warmup_iters=0, decay_lr=False,
+                                 **model_kw, **overrides)
     callbacks = [SnapshotCallback(snapshot)] if snapshot else []
     try:
         m = train(cfg, callbacks=callbacks, quiet=True)
@@ -219,35 +219,7 @@ def table(rows: list[dict]) -> str:
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats in both step time and memory, by step time."""
-    front, best = [], float("inf")
-    for t, m in sorted(points):
-        if m < best:
-            front.append((t, m))
-            best = m
-    return front
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    presets = list(dict.fromkeys(r["preset"] for r in rows))
-    fig = Figure(figsize=(6 * len(presets), 4.5), layout="constrained")
-    for ax, preset in zip(fig.subplots(1, len(presets), squeeze=False)[0], presets, strict=True):
-        ok = [r for r in rows if r["preset"] == preset and "step_ms" in r]
-        for impl, marker in (("ours", "o"), ("hf", "s")):
-            sel = [r for r in ok if r["impl"] == impl]
-            ax.scatter([r["step_ms"] for r in sel], [r["peak_allocated_gb"] for r in sel],
-                       marker=marker, label="NeuroManifold" if impl == "ours" else "HuggingFace")
-        front = pareto([(r["step_ms"], r["peak_allocated_gb"]) for r in ok])
-        ax.plot([t for t, _ in front], [m for _, m in front], "k--", lw=1, label="Pareto front")
-        for r in ok:
-            if (r["step_ms"], r["peak_allocated_gb"]) in front:
-                ax.annotate(r["label"], (r["step_ms"], r["peak_allocated_gb"]), fontsize=6)
-        ax.set(title=preset, xlabel="step time (ms)", ylabel="peak allocated (GiB)")
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="gpt2,gpt2-medium,shakespeare_char")
@@ -264,11 +236,7 @@ def main(argv=None) -> int:
     if args.report:
         merged, meta = {}, {}
         for path in args.report.split(","):
-            try:
-                data = read_json(path, required=("rows",))
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+            data = read_json(path, required=("rows",))
             for r in data.pop("rows"):
                 merged[r["preset"], r["label"]] = r
             meta = dict(data, sources=meta.get("sources", []) + [path])
@@ -279,15 +247,12 @@ def main(argv=None) -> int:
         device, presets, shapes = torch.device("cpu"), ["tiny"], {"tiny": (2, 32)}
     else:
         if not torch.cuda.is_available():
-            print("error: the full bench needs CUDA; use --quick on a CPU", file=sys.stderr)
-            return 2
+            raise ValueError("the full bench needs CUDA; use --quick on a CPU")
         device = torch.device("cuda")
         presets = args.presets.split(",")
         unknown = [p for p in presets if p not in VOCAB]
         if unknown:
-            print(f"error: unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}",
-                  file=sys.stderr)
-            return 2
+            raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
         shapes = {p: PRESETS[p]["cuda"] for p in presets}
     try:
         import transformers  # noqa: F401
@@ -347,7 +312,7 @@ def report(out: Path, meta: dict, rows: list[dict]) -> None:
     text = table(rows)
     with atomic_path(out / "bench.md") as tmp:
         tmp.write_text(f"{meta['device']}, torch {meta['torch_version']}\n\n{text}\n")
-    plot(rows, out / "bench.png")
+    plot_bench(rows, out / "bench.png")
     print(text)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 

@@ -4,24 +4,19 @@
     python3 train.py --config config/train_gpt2.py --checkpoint_policy selective --batch_size 16
 
 Every TrainConfig field (neuromanifold_gpt/config/base.py) can be set as --key value or
---key=value; later ones win. Exit codes: 0 done, 2 bad input, 3 CUDA out of memory."""
+--key=value; later ones win. Exit codes (neuromanifold_gpt/errors.py): 0 done, 2 bad input,
+3 CUDA out of memory, 130 interrupted."""
 
 import sys
 
 from neuromanifold_gpt.config.cli import parse_args
-from neuromanifold_gpt.trainer import TrainingOOM, train
+from neuromanifold_gpt.errors import entry_point
+from neuromanifold_gpt.trainer import train
 
 
+@entry_point
 def main(argv: list[str]) -> int:
-    try:
-        cfg = parse_args(argv)
-        train(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingOOM as e:
-        print(f"error: CUDA out of memory: {e}", file=sys.stderr)
-        return 3
+    train(parse_args(argv))
     return 0
 
 

@@ -79,16 +79,17 @@ def checkpointed_layers(config: NeuroManifoldConfig) -> list[int]:
     """Indices of the blocks the config checkpoints (every k-th, within the first N)."""
     if not config.gradient_checkpointing:
         return []
-    last = config.n_layer if config.checkpoint_layers is None else min(config.checkpoint_layers,
-                                                                         config.n_layer)
-    return list(range(0, last, config.checkpoint_every))
+    ac = config.activation_checkpoint
+    last = config.n_layer if ac.checkpoint_layers is None else min(ac.checkpoint_layers, config.n_layer)
+    return list(range(0, last, ac.checkpoint_every))
 
 
 def apply_activation_checkpointing(model: nn.Module, config: NeuroManifoldConfig) -> list[int]:
     """Checkpoint model.transformer.h[i] per the config; returns the indices wrapped."""
     layers = checkpointed_layers(config)
+    policy = config.activation_checkpoint.checkpoint_policy
     for i in layers:
         block = model.transformer.h[i]
-        target = {"attention": block.attn, "mlp": block.mlp}.get(config.checkpoint_policy, block)
-        _wrap_forward(target, config.checkpoint_policy)
+        target = {"attention": block.attn, "mlp": block.mlp}.get(policy, block)
+        _wrap_forward(target, policy)
     return layers

@@ -13,7 +13,6 @@ The raw corpus is verified by sha256 and kept in a cache (NEUROMANIFOLD_CACHE, d
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import shutil
@@ -25,18 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import atomic_path
+from .errors import entry_point
+from .files import atomic_path, cache_dir, sha256_of
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NEUROMANIFOLD_CACHE", Path.home() / ".cache" / "neuromanifold_gpt"))
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
@@ -162,6 +154,7 @@ class BatchLoader:
         return x, y
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=sorted(PREPARERS))
@@ -170,11 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default="data")
     args = parser.parse_args(argv)
     out = Path(args.data_dir) / args.dataset
-    try:
-        meta = PREPARERS[args.dataset](out, args.source, args.sha256)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    meta = PREPARERS[args.dataset](out, args.source, args.sha256)
     print(f"{out}: vocab size {meta['vocab_size']:,}, train has {meta['train_tokens']:,} tokens, "
           f"val has {meta['val_tokens']:,} tokens")
     return 0

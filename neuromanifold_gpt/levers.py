@@ -1,4 +1,4 @@
-"""Memory levers beyond activation checkpointing, each behind its own TrainConfig flag.
+"""Memory levers beyond activation checkpointing, each behind its own MemoryLevers flag.
 
 offload_activations       tensors saved for backward go to pinned host memory during forward
                           and come back in backward (torch.autograd.graph.save_on_cpu). With
@@ -20,7 +20,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .config.base import TrainConfig
+from .config.base import MemoryLevers
 
 
 class OptimizerInBackward(torch.optim.AdamW):
@@ -57,13 +57,13 @@ class OptimizerInBackward(torch.optim.AdamW):
         return None
 
 
-def forward_context(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+def forward_context(levers: MemoryLevers) -> contextlib.AbstractContextManager:
     """The levers that act while the forward pass runs (and compiles)."""
     stack = contextlib.ExitStack()
-    if cfg.offload_activations:
+    if levers.offload_activations:
         stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
-    if cfg.activation_memory_budget < 1.0:
+    if levers.activation_memory_budget < 1.0:
         # read when compile partitions a block's joint graph, i.e. in its first forward
         stack.enter_context(torch._functorch.config.patch(
-            activation_memory_budget=cfg.activation_memory_budget))
+            activation_memory_budget=levers.activation_memory_budget))
     return stack

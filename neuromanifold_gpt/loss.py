@@ -12,7 +12,7 @@ the head is never recomputed.
     loss = linear_cross_entropy(x, lm_head.weight, targets)  # x: (N, C), targets: (N,)
 
 The per-chunk arithmetic (`_chunk_loss_and_grad`) is a pure function: `LinearCrossEntropyLoss.
-compile()` compiles it alone (one static shape where the chunks divide B*T evenly), so the
+compile_kernel()` compiles it alone (one static shape where the chunks divide B*T evenly), so the
 Python loop over chunks never enters a compiled graph.
 """
 
@@ -115,13 +115,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 class LinearCrossEntropyLoss(nn.Module):
     """linear_cross_entropy as a module without parameters (the state_dict is unchanged);
-    compile() compiles the per-chunk kernel only."""
+    compile_kernel() compiles the per-chunk kernel only."""
 
     def __init__(self):
         super().__init__()
         self.kernel = _chunk_loss_and_grad
 
-    def compile(self, **kwargs) -> None:
+    def compile_kernel(self, **kwargs) -> None:
         self.kernel = torch.compile(_chunk_loss_and_grad, dynamic=False, fullgraph=True, **kwargs)
 
     def forward(self, x, weight, targets):

@@ -1,5 +1,6 @@
-"""Static PNG plots of the pipeline's memory figures, for readers without DVC's HTML plots
-(whose page loads vega from a CDN): peak memory per step, and peak memory against step time.
+"""Static PNG plots of the memory figures, for readers without DVC's HTML plots (whose page
+loads vega from a CDN): the pipeline's peak memory per step and peak memory against step
+time, and bench.py's peak memory against step time per configuration.
 
 matplotlib's object API renders through Agg here, so no display and no global backend."""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .metrics import atomic_path
+from .files import atomic_path
 
 COLORS = {"baseline": "tab:red", "checkpointed": "tab:blue"}
 
@@ -63,4 +64,34 @@ def plot_memory_vs_step_time(points: list[dict], path: str | Path) -> None:
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.legend()
+    save_figure(fig, path)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both step time and memory, by step time."""
+    front, best = [], float("inf")
+    for t, m in sorted(points):
+        if m < best:
+            front.append((t, m))
+            best = m
+    return front
+
+
+def plot_bench(rows: list[dict], path: str | Path) -> None:
+    """bench.py's rows: peak memory against step time per preset, with the Pareto front."""
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig = Figure(figsize=(6 * len(presets), 4.5), layout="constrained")
+    for ax, preset in zip(fig.subplots(1, len(presets), squeeze=False)[0], presets, strict=True):
+        ok = [r for r in rows if r["preset"] == preset and "step_ms" in r]
+        for impl, marker in (("ours", "o"), ("hf", "s")):
+            sel = [r for r in ok if r["impl"] == impl]
+            ax.scatter([r["step_ms"] for r in sel], [r["peak_allocated_gb"] for r in sel],
+                       marker=marker, label="NeuroManifold" if impl == "ours" else "HuggingFace")
+        front = pareto([(r["step_ms"], r["peak_allocated_gb"]) for r in ok])
+        ax.plot([t for t, _ in front], [m for _, m in front], "k--", lw=1, label="Pareto front")
+        for r in ok:
+            if (r["step_ms"], r["peak_allocated_gb"]) in front:
+                ax.annotate(r["label"], (r["step_ms"], r["peak_allocated_gb"]), fontsize=6)
+        ax.set(title=preset, xlabel="step time (ms)", ylabel="peak allocated (GiB)")
+        ax.legend(fontsize=7)
     save_figure(fig, path)

@@ -58,9 +58,8 @@ def _kept_per_layer(policy: str, compiled: bool, a: int, dropout: bool) -> float
     f = FP32
     mask = 1 if dropout else 0  # a bool mask per element for each resid dropout (eager)
     if compiled:
-        # what the min-cut partitioner keeps (counted on the H200 with torch 2.11): as much as
-        # eager without the weight casts, which it recomputes, and without dropout masks,
-        # which it regenerates from the seed
+        # what compile's min-cut partitioner keeps: eager's tensors less the weight casts,
+        # which it recomputes, and the dropout masks, which it regenerates from the seed
         return {"none": 2 * f + 14 * a, "block": f, "attention": 2 * f + 8 * a,
                 "mlp": 2 * f + 5 * a, "selective": f + 10 * a}[policy]
     return {
@@ -104,7 +103,7 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
     small = 4 * N * H + 16 * N  # attention log-sum-exp, LayerNorm mean and rstd
 
     ckpt = set(checkpointed_layers(mc))
-    policy = mc.checkpoint_policy
+    policy = mc.activation_checkpoint.checkpoint_policy
     full = _kept_per_layer("none", compiled, a, dropout) * NC + small \
         + _weight_copies("none", compiled, a) * C * C * a
     kept = []
@@ -112,10 +111,11 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
         p = policy if i in ckpt else "none"
         kept.append(_kept_per_layer(p, compiled, a, dropout) * NC + small
                     + _weight_copies(p, compiled, a) * C * C * a)
-    offload = cfg.offload_activations
-    if cfg.activation_memory_budget < 1.0 and compiled:
+    levers = cfg.memory_levers
+    offload = levers.offload_activations
+    if levers.activation_memory_budget < 1.0 and compiled:
         # the partitioner keeps min + budget * (default - min), min = the block's input
-        b = cfg.activation_memory_budget
+        b = levers.activation_memory_budget
         kept = [f * NC + b * (k - f * NC) for k in kept]
         full = f * NC + b * (full - f * NC)
     stem = f * NC + 8 * N + (N * C if dropout else 0)  # ln_f input, token ids, embedding mask
@@ -130,7 +130,7 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
 
     # the loss: plain keeps the (N, V) fp32 log-softmax, its backward needs three of those;
     # lean holds only one chunk's logits and the two gradients it computed
-    if mc.lean_loss:
+    if levers.lean_loss:
         c = chunk_tokens(N, V)
         # a chunk's logits, their fp32 copy and logsumexp's fp32 temporary (eager); the
         # compiled kernel keeps two fp32 buffers and writes the gradient beside the logits
@@ -156,7 +156,7 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
     phases["backward start"] = dict(params=params, optimizer=adamw,
                                     activations=sum(kept_dev) + stem_dev, working=0.0,
                                     loss=loss_bwd, grads=0.0, other=other)
-    in_backward = cfg.optimizer_in_backward
+    in_backward = levers.optimizer_in_backward
     for i in reversed(range(L)):
         above = 0 if in_backward else layer_grads * (L - 1 - i)
         # a checkpointed layer rebuilds its full activations; others have kept them

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .data import cache_dir, sha256_of
-from .metrics import atomic_path
+from .files import atomic_path, cache_dir, sha256_of
 
 # name -> (the URL tiktoken loads it from, the sha256 tiktoken requires), as written in
 # tiktoken_ext/openai_public.py's gpt2(); tests/test_bpe.py checks they still match.

@@ -1,7 +1,7 @@
 """Verification that activation checkpointing saves memory without changing training.
 
 Each model size has a baseline and a checkpointed run with one seed and one data order
-(neuromanifold_gpt/pipeline.py makes them). `compare` judges the pair: a pass needs a
+(neuromanifold_gpt/launch.py makes them). `compare` judges the pair: a pass needs a
 peak-memory reduction above the threshold in params.yaml (or a baseline that ran out of
 memory where the checkpointed run fit), no failed run, and losses that agree. The verify
 stage and verify_gradient_checkpointing.py print its verdict as the RESULTS block."""
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .metrics import read_json
-from .pipeline import RUNS, pick, run_files
+from .files import read_json
+from .params import RUNS, pick, run_files
 
 # Settings both runs of a pair must share, or their peaks are not comparable.
 # The memory levers are among them: a saving must be checkpointing's own.

@@ -12,18 +12,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt import data
-from neuromanifold_gpt.pipeline import load_params
+from neuromanifold_gpt.errors import entry_point
+from neuromanifold_gpt.params import load_params
 
 
+@entry_point
 def main() -> int:
-    try:
-        params = load_params("data")["data"]
-        missing = [k for k in ("url", "sha256") if not params.get(k)]
-        if missing:
-            raise ValueError(f"params.yaml data lacks {', '.join(missing)}; restore it from git")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = load_params("data")["data"]
+    missing = [k for k in ("url", "sha256") if not params.get(k)]
+    if missing:
+        raise ValueError(f"params.yaml data lacks {', '.join(missing)}; restore it from git")
     local = params.get("local")
     source = local if local and Path(local).is_file() else params["url"]
     for name in data.PREPARERS:

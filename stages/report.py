@@ -12,27 +12,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
-from neuromanifold_gpt.metrics import write_tsv
-from neuromanifold_gpt.pipeline import RUNS, load_params, run_files
+from neuromanifold_gpt.errors import entry_point
+from neuromanifold_gpt.files import write_tsv
+from neuromanifold_gpt.params import RUNS, load_params, run_files
 from neuromanifold_gpt.plots import plot_memory_per_step, plot_memory_vs_step_time, read_trace
 from neuromanifold_gpt.verify import read_run
 
 COLUMNS = ["size", "run", "policy", "step_time_ms", "peak_memory_gb"]
 
 
+@entry_point
 def main() -> int:
+    sizes = list(load_params("sizes")["sizes"])
+    runs = {(size, run): read_run(run_files(size, run)["metrics"]) for size in sizes for run in RUNS}
     try:
-        sizes = list(load_params("sizes")["sizes"])
-        runs = {(size, run): read_run(run_files(size, run)["metrics"]) for size in sizes for run in RUNS}
         traces = {size: {run: read_trace(run_files(size, run)["trace"]) for run in RUNS}
                   for size in sizes}
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (OSError, KeyError) as e:
-        print(f"error: a memory trace is missing or damaged ({e}); re-run the training stages "
-              f"(dvc repro --force)", file=sys.stderr)
-        return 2
+        raise ValueError(f"a memory trace is missing or damaged ({e}); re-run the training stages "
+                         f"(dvc repro --force)") from None
     points = [dict(size=size, run=run, **{k: m[k] for k in COLUMNS[2:]})
               for (size, run), m in runs.items() if not m["oom"]]
     write_tsv("plots/memory_vs_step_time.tsv", COLUMNS, [tuple(p.values()) for p in points])

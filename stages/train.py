@@ -14,33 +14,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
-from neuromanifold_gpt.pipeline import (
-    EXIT_OOM,
-    RUNS,
-    load_params,
-    processes,
-    run_device_type,
-    run_files,
-    run_training,
-    training_args,
-)
+from neuromanifold_gpt.errors import EXIT_OOM, entry_point
+from neuromanifold_gpt.launch import plan_run, run_training
+from neuromanifold_gpt.params import RUNS, load_params
 
 
+@entry_point
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("size", help="a key of params.yaml's sizes")
     parser.add_argument("run", choices=RUNS)
     args = parser.parse_args(argv)
-    try:
-        params = load_params("train", "sizes", "checkpointing")
-        files = run_files(args.size, args.run)
-        device_type = run_device_type(params)
-        train_args = training_args(params, args.size, args.run, device_type, files)
-        nproc = processes(params, device_type)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    status = run_training(train_args, files["log"], nproc)  # nproc > 1: through torchrun
+    command, log = plan_run(load_params("train", "sizes", "checkpointing"), args.size, args.run)
+    status = run_training(command, log)  # train.nproc > 1: through torchrun
     return 0 if status == EXIT_OOM else status  # an OOM is a result: its metrics say oom: true
 
 

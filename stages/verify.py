@@ -12,24 +12,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
-from neuromanifold_gpt.metrics import write_json
-from neuromanifold_gpt.pipeline import load_params
+from neuromanifold_gpt.errors import EXIT_FAILED, entry_point
+from neuromanifold_gpt.files import write_json
+from neuromanifold_gpt.params import load_params
 from neuromanifold_gpt.verify import report, verify_metrics, verify_pairs
 
 VERIFY_FILE = "metrics/verify.json"
 
 
+@entry_point
 def main() -> int:
-    try:
-        params = load_params("sizes", "verify")
-        results = verify_pairs(params, list(params["sizes"]))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = load_params("sizes", "verify")
+    results = verify_pairs(params, list(params["sizes"]))
     print(report(results))
     summary = verify_metrics(results)
     write_json(VERIFY_FILE, summary)
-    return 0 if summary["passed"] else 1
+    return 0 if summary["passed"] else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import neuromanifold_gpt.checkpointing as ckpt
 from neuromanifold_gpt import NeuroManifoldConfig, build_model
+from neuromanifold_gpt.config.base import ActivationCheckpoint
 
 CASES = [dict(checkpoint_policy=p) for p in ("block", "attention", "mlp", "selective")] + [
     dict(checkpoint_policy="block", checkpoint_every=2),
@@ -17,7 +18,8 @@ CASES = [dict(checkpoint_policy=p) for p in ("block", "attention", "mlp", "selec
 def make(dropout=0.0, **ckpt_kwargs):
     cfg = NeuroManifoldConfig(block_size=32, vocab_size=65, n_layer=3, n_head=4, n_embd=32,
                               dropout=dropout, bias=True,
-                              gradient_checkpointing=bool(ckpt_kwargs), **ckpt_kwargs)
+                              gradient_checkpointing=bool(ckpt_kwargs),
+                              activation_checkpoint=ActivationCheckpoint(**ckpt_kwargs))
     torch.manual_seed(0)
     return build_model(cfg)
 

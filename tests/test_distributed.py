@@ -25,8 +25,9 @@ import torch.multiprocessing as mp
 import train as cli
 from neuromanifold_gpt.config.cli import parse_args
 from neuromanifold_gpt.data import BatchLoader
+from neuromanifold_gpt.launch import training_command
 from neuromanifold_gpt.model import NeuroManifoldGPT
-from neuromanifold_gpt.pipeline import processes, run_files, training_args, training_command
+from neuromanifold_gpt.params import processes, run_files, training_args
 from neuromanifold_gpt.trainer import Trainer, train
 from tests.conftest import ROOT
 

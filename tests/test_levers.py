@@ -10,16 +10,20 @@ import torch._dynamo
 
 import train
 from neuromanifold_gpt import build_model, levers
-from neuromanifold_gpt.config.base import NeuroManifoldConfig, TrainConfig
+from neuromanifold_gpt.config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig
 
 BACKEND = "aot_eager_decomp_partition"
 B, T, C, L, V = 2, 32, 32, 2, 97
 
 
-def _model(**kw):
+def _model(policy: str | None = None, lean_loss: bool = False):
+    """policy: checkpoint every block with it (None = no checkpointing)."""
     torch.manual_seed(0)
-    return build_model(NeuroManifoldConfig(block_size=T, vocab_size=V, n_layer=L, n_head=2,
-                                           n_embd=C, dropout=0.0, **kw))
+    return build_model(NeuroManifoldConfig(
+        block_size=T, vocab_size=V, n_layer=L, n_head=2, n_embd=C, dropout=0.0,
+        gradient_checkpointing=policy is not None,
+        activation_checkpoint=ActivationCheckpoint(checkpoint_policy=policy or "block"),
+        memory_levers=MemoryLevers(lean_loss=lean_loss)))
 
 
 def _loss_and_grads(model, x, context=None):
@@ -74,18 +78,16 @@ class _Recorder(torch.autograd.graph.saved_tensors_hooks):
 def test_offload_with_block_checkpointing_moves_only_the_block_inputs(batch, monkeypatch):
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", _Recorder)
     _Recorder.shapes = []
-    model = _model(gradient_checkpointing=True, lean_loss=True)
-    cfg = TrainConfig(offload_activations=True)
-    _loss_and_grads(model, batch, levers.forward_context(cfg))
+    model = _model("block", lean_loss=True)
+    _loss_and_grads(model, batch, levers.forward_context(MemoryLevers(offload_activations=True)))
     big = [s for s in _Recorder.shapes if torch.Size(s).numel() >= B * T * C]
     assert big == [(B, T, C)] * (L + 1)  # each block's input, and the final LayerNorm's
 
 
 def test_offload_keeps_gradients_unchanged(batch):
-    ref = _loss_and_grads(_model(gradient_checkpointing=True), batch)
-    cfg = TrainConfig(offload_activations=True)
-    _assert_same(_loss_and_grads(_model(gradient_checkpointing=True), batch,
-                                 levers.forward_context(cfg)), ref)
+    ref = _loss_and_grads(_model("block"), batch)
+    _assert_same(_loss_and_grads(_model("block"), batch,
+                                 levers.forward_context(MemoryLevers(offload_activations=True))), ref)
 
 
 def _saved_bytes(model, x, context):
@@ -111,7 +113,7 @@ def test_compile_memory_budget_recomputes_more_with_equal_gradients(batch):
         model = _model()
         for block in model.transformer.h:
             block.compile(backend=BACKEND)
-        context = levers.forward_context(TrainConfig(activation_memory_budget=budget, compile=True))
+        context = levers.forward_context(MemoryLevers(activation_memory_budget=budget))
         saved[budget] = _saved_bytes(model, batch, context)  # compiles under the budget
         model.zero_grad()
         _assert_same(_loss_and_grads(model, batch), ref)
@@ -122,10 +124,10 @@ def test_compile_memory_budget_recomputes_more_with_equal_gradients(batch):
 def test_compiled_checkpointing_equals_eager_without_checkpointing(batch, policy):
     ref = _loss_and_grads(_model(), batch)
     torch._dynamo.reset()
-    model = _model(gradient_checkpointing=True, checkpoint_policy=policy, lean_loss=True)
+    model = _model(policy, lean_loss=True)
     for block in model.transformer.h:
         block.compile(backend=BACKEND)
-    model.lean_loss.compile(backend=BACKEND)
+    model.lean_loss.compile_kernel(backend=BACKEND)
     _assert_same(_loss_and_grads(model, batch), ref)
     model.zero_grad()
     _assert_same(_loss_and_grads(model, batch), ref)  # and again, from the compiled cache
@@ -140,7 +142,7 @@ def test_compiled_checkpointing_equals_eager_without_checkpointing(batch, policy
 ])
 def test_bad_lever_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        TrainConfig(**overrides)
+        TrainConfig.from_flags(**overrides)
 
 
 def test_cli_refuses_optimizer_in_backward_with_clipping(capsys):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuromanifold_gpt import build_model
-from neuromanifold_gpt.config.base import NeuroManifoldConfig
+from neuromanifold_gpt.config.base import MemoryLevers, NeuroManifoldConfig
 from neuromanifold_gpt.loss import chunk_tokens, linear_cross_entropy
 
 
@@ -63,7 +63,7 @@ def _model_pair(**kw):
     torch.manual_seed(0)
     plain = build_model(NeuroManifoldConfig(**cfg))
     torch.manual_seed(0)
-    lean = build_model(NeuroManifoldConfig(lean_loss=True, **cfg))
+    lean = build_model(NeuroManifoldConfig(memory_levers=MemoryLevers(lean_loss=True), **cfg))
     return plain, lean
 
 

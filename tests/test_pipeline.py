@@ -100,7 +100,7 @@ def test_flipping_the_policy_remeasures_only_the_checkpointed_run(repo):
 
 
 def test_a_memory_lever_for_the_checkpointed_run_only_is_refused():
-    from neuromanifold_gpt.pipeline import load_params, run_files, training_args
+    from neuromanifold_gpt.params import load_params, run_files, training_args
 
     params = load_params(path=ROOT / "params.yaml")
     params["checkpointing"] = dict(params["checkpointing"], lean_loss=True)

@@ -11,8 +11,9 @@ import train
 from neuromanifold_gpt import build_model, levers
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.optim import make_optimizer
 from neuromanifold_gpt.predictor import GIB, predict, recommended_batch_size
-from neuromanifold_gpt.trainer import Trainer, make_optimizer
+from neuromanifold_gpt.trainer import Trainer
 
 VOCAB = 200
 
@@ -42,7 +43,7 @@ def _tracked_peak_gb(cfg: TrainConfig, dtype: torch.dtype) -> float:
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
-        with autocast, levers.forward_context(cfg):
+        with autocast, levers.forward_context(cfg.memory_levers):
             loss = model(x, x)[1]
         loss.backward()
         if cfg.grad_clip:
@@ -69,8 +70,8 @@ def _tracked_peak_gb(cfg: TrainConfig, dtype: torch.dtype) -> float:
     dict(gradient_checkpointing=True, lean_loss=True, optimizer_in_backward=True, grad_clip=0.0),
 ], ids=["plain", "lean", "block", "attention", "mlp", "selective", "in-backward"])
 def test_eager_prediction_within_10_percent_of_counted_peak(overrides, dtype):
-    cfg = TrainConfig(preset="gpt2", n_layer=3, n_embd=128, n_head=4, batch_size=4,
-                      block_size=128, **overrides)
+    cfg = TrainConfig.from_flags(preset="gpt2", n_layer=3, n_embd=128, n_head=4, batch_size=4,
+                                 block_size=128, **overrides)
     measured = _tracked_peak_gb(cfg, dtype)
     predicted = predict(cfg, VOCAB, "cpu", dtype, compile=False).peak_gb
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
@@ -78,7 +79,7 @@ def test_eager_prediction_within_10_percent_of_counted_peak(overrides, dtype):
 
 def test_levers_lower_the_prediction_where_they_act():
     def peak(**kw):
-        cfg = TrainConfig(preset="gpt2", batch_size=12, block_size=1024, **kw)
+        cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, **kw)
         return predict(cfg, 50257, "cuda", torch.bfloat16, compile=True).peak_gb
 
     plain, lean = peak(), peak(lean_loss=True)
@@ -146,8 +147,9 @@ def test_cuda_out_of_memory_ends_with_one_line_exit_3_and_metrics(data_dir, tmp_
 def test_prediction_within_10_percent_of_cuda_peak(data_dir, tmp_path, overrides):
     from neuromanifold_gpt.trainer import train as run
 
-    cfg = TrainConfig(dataset="tiny", data_dir=data_dir, preset="gpt2", n_layer=4, batch_size=8,
-                      block_size=512, max_iters=3, eval_iters=1, compile=False, **overrides)
+    cfg = TrainConfig.from_flags(dataset="tiny", data_dir=data_dir, preset="gpt2", n_layer=4,
+                                 batch_size=8, block_size=512, max_iters=3, eval_iters=1,
+                                 compile=False, **overrides)
     m = run(cfg, quiet=True)
     assert abs(m["predicted/measured"] - 1) < 0.10
 

@@ -1,3 +1,4 @@
-from .base import POLICIES, PRESETS, NeuroManifoldConfig, TrainConfig
+from .base import POLICIES, PRESETS, ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig
 
-__all__ = ["NeuroManifoldConfig", "TrainConfig", "PRESETS", "POLICIES"]
+__all__ = ["NeuroManifoldConfig", "TrainConfig", "ActivationCheckpoint", "MemoryLevers", "PRESETS",
+           "POLICIES"]

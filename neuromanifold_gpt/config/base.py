@@ -1,11 +1,12 @@
-"""Typed configuration: the model (NeuroManifoldConfig), the training run (TrainConfig)
-and the one table of model presets."""
+"""Typed configuration: the model (NeuroManifoldConfig), the training run (TrainConfig), the
+two sections both hold whole (ActivationCheckpoint, MemoryLevers) and the one table of model
+presets."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 # One source of truth for model sizes. batch_size/block_size are the per-device defaults
 # a run uses when it does not set them: (CUDA, CPU).
@@ -34,6 +35,39 @@ def _check_positive(name: str, value) -> None:
 
 
 @dataclass
+class ActivationCheckpoint:
+    """Which activations are recomputed in backward, when gradient_checkpointing is on."""
+
+    checkpoint_policy: str = "block"  # what is recomputed: block | attention | mlp | selective
+    checkpoint_every: int = 1  # checkpoint every k-th block only (1 = every block)
+    checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
+
+    def __post_init__(self):
+        _check_choice("checkpoint_policy", self.checkpoint_policy, POLICIES)
+        _check_positive("checkpoint_every", self.checkpoint_every)
+        _check_positive("checkpoint_layers", self.checkpoint_layers)
+
+
+@dataclass
+class MemoryLevers:
+    """Memory savers beyond checkpointing (neuromanifold_gpt/loss.py and levers.py)."""
+
+    lean_loss: bool = False  # chunked head + cross-entropy: the (B, T, V) logits never exist
+    offload_activations: bool = False  # keep saved activations (checkpointed: block inputs) in host RAM
+    optimizer_in_backward: bool = False  # step each weight once its grad is ready, then free it
+    activation_memory_budget: float = 1.0  # compile's saved-activation budget (<1 recomputes more)
+
+    def __post_init__(self):
+        if not 0.0 <= self.activation_memory_budget <= 1.0:
+            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} must be in "
+                             f"[0, 1] (1 = compile's default, 0 = recompute all it can)")
+
+
+# TrainConfig's sections: each field is set by its own flat flag (--checkpoint_policy mlp)
+SECTIONS = {"activation_checkpoint": ActivationCheckpoint, "memory_levers": MemoryLevers}
+
+
+@dataclass
 class NeuroManifoldConfig:
     """The model: GPT-2 architecture plus how its activations are checkpointed."""
 
@@ -45,21 +79,18 @@ class NeuroManifoldConfig:
     dropout: float = 0.0  # dropout probability in attention, MLP and embeddings
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    checkpoint_policy: str = "block"  # what is recomputed: block | attention | mlp | selective
-    checkpoint_every: int = 1  # checkpoint every k-th block only (1 = every block)
-    checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
-    lean_loss: bool = False  # chunked head + cross-entropy: the (B, T, V) logits never exist
+    # which activations are recomputed when gradient_checkpointing is true
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    memory_levers: MemoryLevers = field(default_factory=MemoryLevers)  # the model reads lean_loss
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "checkpoint_every"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             _check_positive(name, getattr(self, name))
-        _check_positive("checkpoint_layers", self.checkpoint_layers)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        _check_choice("checkpoint_policy", self.checkpoint_policy, POLICIES)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -84,14 +115,9 @@ class TrainConfig:
     dropout: float | None = None  # override the preset's dropout
     bias: bool | None = None  # override the preset's bias setting
     gradient_checkpointing: bool = False  # passed to the model config
-    checkpoint_policy: str = "block"  # block | attention | mlp | selective
-    checkpoint_every: int = 1  # checkpoint every k-th block
-    checkpoint_layers: int | None = None  # checkpoint only the first N blocks (None = all)
-    # memory levers beyond checkpointing (neuromanifold_gpt/loss.py and levers.py)
-    lean_loss: bool = False  # chunked head + cross-entropy: the (B, T, V) logits never exist
-    offload_activations: bool = False  # keep saved activations (checkpointed: block inputs) in host RAM
-    optimizer_in_backward: bool = False  # step each weight once its grad is ready, then free it
-    activation_memory_budget: float = 1.0  # compile's saved-activation budget (<1 recomputes more)
+    # which activations are recomputed; passed whole to the model config
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    memory_levers: MemoryLevers = field(default_factory=MemoryLevers)  # beyond checkpointing
     # batch
     batch_size: int | None = None  # sequences per micro-step (None = the preset's for the device)
     block_size: int | None = None  # tokens per sequence (None = the preset's for the device)
@@ -124,31 +150,45 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("preset", self.preset, tuple(PRESETS))
-        _check_choice("checkpoint_policy", self.checkpoint_policy, POLICIES)
         _check_choice("init_from", self.init_from, ("scratch", "resume"))
         # no float16: it needs loss scaling (GradScaler), which bf16 does without
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        for name in ("n_layer", "n_head", "n_embd", "batch_size", "block_size", "checkpoint_layers",
+        for name in ("n_layer", "n_head", "n_embd", "batch_size", "block_size",
                      "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-                     "log_interval", "checkpoint_every", "lr_decay_iters", "dist_timeout"):
+                     "log_interval", "lr_decay_iters", "dist_timeout"):
             _check_positive(name, getattr(self, name))
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0")
-        if not 0.0 <= self.activation_memory_budget <= 1.0:
-            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} must be in "
-                             f"[0, 1] (1 = compile's default, 0 = recompute all it can)")
-        if self.activation_memory_budget < 1.0 and self.compile is False:
-            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} acts only "
+        levers = self.memory_levers
+        if levers.activation_memory_budget < 1.0 and self.compile is False:
+            raise ValueError(f"activation_memory_budget={levers.activation_memory_budget} acts only "
                              f"on compiled blocks; set compile=true or the budget to 1")
-        if self.optimizer_in_backward and self.grad_clip > 0:
+        if levers.optimizer_in_backward and self.grad_clip > 0:
             raise ValueError("optimizer_in_backward=true steps each weight before the global "
                              "gradient norm is known; set grad_clip=0")
-        if self.optimizer_in_backward and self.gradient_accumulation_steps > 1:
+        if levers.optimizer_in_backward and self.gradient_accumulation_steps > 1:
             raise ValueError("optimizer_in_backward=true steps after every backward; set "
                              "gradient_accumulation_steps=1 (raise batch_size instead)")
         self.model_config(vocab_size=65)  # validates the combined model settings early
+
+    @classmethod
+    def from_flags(cls, **flags) -> TrainConfig:
+        """A TrainConfig from flat flag names, as the CLI and config files spell them
+        (checkpoint_policy="mlp", lean_loss=True): each section's flags go to that section."""
+        sections = {name: section(**{f.name: flags.pop(f.name) for f in fields(section)
+                                     if f.name in flags})
+                    for name, section in SECTIONS.items()}
+        return cls(**flags, **sections)
+
+    def to_dict(self) -> dict:
+        """The flat flags: the inverse of from_flags."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            flat.update({f.name: getattr(section, f.name) for f in fields(section)})
+        return flat
 
     def resolved_batch(self, device_type: str) -> tuple[int, int]:
         """(batch_size, block_size) with the preset's per-device defaults filled in."""
@@ -164,13 +204,8 @@ class TrainConfig:
             block_size=block_size or self.block_size or PRESETS[self.preset]["cuda"][1],
             vocab_size=vocab_size,
             gradient_checkpointing=self.gradient_checkpointing,
-            checkpoint_policy=self.checkpoint_policy,
-            checkpoint_every=self.checkpoint_every,
-            checkpoint_layers=self.checkpoint_layers,
-            lean_loss=self.lean_loss,
+            activation_checkpoint=self.activation_checkpoint,
+            memory_levers=self.memory_levers,
             **preset,
         )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 

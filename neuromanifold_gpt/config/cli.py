@@ -1,40 +1,48 @@
 """nanoGPT-style overrides: `--config FILE` (a Python file of `key = value` lines) and
 `--key value` / `--key=value` on the command line, each checked against TrainConfig's types.
+Keys are flat: a field of one of TrainConfig's sections is set by its own name
+(`--checkpoint_policy mlp`, `lean_loss = True`).
 
 Config files are read with `ast`, never executed: a value must be a literal."""
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import types
 import typing
 from pathlib import Path
 
-from .base import TrainConfig
+from .base import SECTIONS, TrainConfig
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """name -> (base type, accepts None)."""
+def _flags() -> dict:
+    """Every flat key -> its type hint: TrainConfig's own fields, then its sections' fields."""
     hints = typing.get_type_hints(TrainConfig)
+    flags = {name: hint for name, hint in hints.items() if name not in SECTIONS}
+    for section in SECTIONS.values():
+        flags.update(typing.get_type_hints(section))
+    return flags
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """flat key -> (base type, accepts None)."""
     out = {}
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
+    for name, hint in _flags().items():
         args = typing.get_args(hint)
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            out[f.name] = (next(a for a in args if a is not type(None)), True)
+            out[name] = (next(a for a in args if a is not type(None)), True)
         else:
-            out[f.name] = (hint, False)
+            out[name] = (hint, False)
     return out
 
 
 def _unknown(key: str, where: str) -> ValueError:
     import difflib
 
-    close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
+    close = difflib.get_close_matches(key, list(_flags()), n=1)
     hint = f"; did you mean {close[0]}?" if close else "; see TrainConfig in neuromanifold_gpt/config/base.py"
     return ValueError(f"unknown config key {key!r} {where}{hint}")
 
@@ -123,4 +131,4 @@ def parse_args(argv: list[str]) -> TrainConfig:
             overrides.update(read_config_file(value))
         else:
             overrides[key] = coerce(key, value, "on the command line")
-    return TrainConfig(**overrides)
+    return TrainConfig.from_flags(**overrides)

@@ -27,7 +27,7 @@ class NeuroManifoldGPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # head + loss chunk by chunk (no parameters of its own; see neuromanifold_gpt/loss.py)
-        self.lean_loss = LinearCrossEntropyLoss() if config.lean_loss else None
+        self.lean_loss = LinearCrossEntropyLoss() if config.memory_levers.lean_loss else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):

@@ -1,26 +1,22 @@
-"""How params.yaml becomes training runs: the baseline and the checkpointed run of each model
-size, each in a fresh train.py process (on CPU a run's peak is its process's peak RSS).
-
-The DVC stages (stages/*.py) and verify_gradient_checkpointing.py make their runs through
-this module, so both make the same runs.
+"""params.yaml, read: its sections, the device the runs land on, and train.py's arguments
+for the baseline and the checkpointed run of each model size (launch.py starts them).
 
 A params.yaml value written {cpu: A, cuda: B} means A on CPU and B on CUDA, for the device
 the runs land on; a `verify` value may further be {SIZE: value, ...} per model size."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
+from .config.base import ActivationCheckpoint
+
 DEVICES = ("cpu", "cuda")
 RUNS = ("baseline", "checkpointed")
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-CHECKPOINTING_KEYS = ("gradient_checkpointing", "checkpoint_policy", "checkpoint_every",
-                      "checkpoint_layers")
-EXIT_OOM = 3  # train.py's exit status for CUDA out of memory; its metrics then say oom: true
+# what params.yaml's `checkpointing:` (the checkpointed run only) may set
+CHECKPOINTING_KEYS = ("gradient_checkpointing", *(f.name for f in fields(ActivationCheckpoint)))
 
 
 def load_params(*sections: str, path: str | Path = "params.yaml") -> dict:
@@ -53,7 +49,7 @@ def pick(value, device_type: str, size: str | None = None):
 
 def run_device_type(params: dict) -> str:
     """'cuda' or 'cpu': where the runs land (train.device: auto picks CUDA when there is one,
-    as trainer.resolve_device does; train.py itself rejects a device it cannot use)."""
+    as device.resolve_device does; train.py itself rejects a device it cannot use)."""
     device = str(params["train"].get("device", "auto"))
     if device == "auto":
         import torch
@@ -103,24 +99,3 @@ def processes(params: dict, device_type: str) -> int:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"params.yaml train.nproc={nproc!r} must be a whole number >= 1")
     return nproc
-
-
-def training_command(args: list[str], nproc: int = 1) -> list[str]:
-    """The one place that says how a run is launched: train.py in a fresh process, or in
-    nproc processes through torchrun (data-parallel, see neuromanifold_gpt/distributed.py)."""
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", str(TRAIN_SCRIPT), *args]
-    return [sys.executable, str(TRAIN_SCRIPT), *args]
-
-
-def run_training(args: list[str], log_path: Path, nproc: int = 1) -> int:
-    """Run train.py, echo its output and keep it in log_path; returns its exit status."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log, subprocess.Popen(
-            training_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-    return proc.returncode

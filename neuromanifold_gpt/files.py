@@ -1,14 +1,23 @@
-"""Output files written atomically (a crash never leaves half a file), and metrics read with
-a clear error when missing or corrupt."""
+"""Files: written atomically (a crash never leaves half a file), metrics read with a clear
+error when missing or corrupt, the download cache, and sha256 checks."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEUROMANIFOLD_CACHE", Path.home() / ".cache" / "neuromanifold_gpt"))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,52 @@
+"""The exit-code contract of every entry point, and the one error path that keeps it.
+
+    @entry_point
+    def main(argv: list[str]) -> int: ...
+
+0 done, 1 verification failed, 2 bad input, 3 CUDA out of memory, 4 the loss became
+non-finite, 130 interrupted. A failure is one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # verification failed (train.py under torchrun: any failed rank)
+EXIT_BAD_INPUT = 2
+EXIT_OOM = 3  # the run's metrics then say oom: true
+EXIT_NON_FINITE = 4
+EXIT_INTERRUPTED = 130
+
+
+class TrainingOOM(RuntimeError):
+    """CUDA ran out of memory during training; the metrics record it."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def entry_point(main: Callable[..., int]) -> Callable[..., int]:
+    """main, with bad input (ValueError), a CUDA OOM, a non-finite loss and Ctrl-C turned
+    into their exit codes and one line on stderr."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except TrainingOOM as e:
+            print(f"error: CUDA out of memory: {e}", file=sys.stderr)
+            return EXIT_OOM
+        except NonFiniteLoss as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NON_FINITE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return guarded

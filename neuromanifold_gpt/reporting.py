@@ -1,0 +1,162 @@
+"""What a run tells: the startup report, the log line, MFU, the run's metrics (or, after a
+CUDA out-of-memory, its OOM record) and the files they go to.
+
+`trainer` below is a Trainer (neuromanifold_gpt/trainer.py) after its setup."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from . import distributed
+from .config.base import TrainConfig
+from .device import device_name
+from .files import write_json, write_tsv
+
+# Dense bf16 peak FLOP/s by device name, for MFU (the vendor's datasheet figures).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+TRACE_HEADER = ["step", "loss", "peak_memory_gb", "peak_reserved_gb"]  # memory_trace_file's columns
+
+
+def flops_per_token(model) -> float:
+    """nanoGPT's estimate: 6N for the matmuls plus the attention scores, forward and backward."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def peak_flops(device: torch.device, world_size: int) -> float | None:
+    """The run's peak FLOP/s over all devices (None when the device is not in PEAK_FLOPS)."""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name(device)), None)
+    return peak * world_size if peak else None  # tokens per iteration are global: MFU per device
+
+
+def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) -> list[str]:
+    tokens = batch_size * block_size * cfg.gradient_accumulation_steps
+    mc = model.config
+    lines = [
+        f"number of parameters: {model.num_params() / 1e6:.2f}M",
+        f"device: {device_name(device)}, dtype: {str(dtype).replace('torch.', '')}"
+        f"{' (autocast)' if device.type == 'cuda' and dtype != torch.float32 else ''}",
+        f"tokens per iteration will be: {tokens:,} "
+        f"({cfg.gradient_accumulation_steps} x {batch_size} x {block_size})",
+    ]
+    if mc.gradient_checkpointing:
+        which = "all" if len(layers) == mc.n_layer else ",".join(map(str, layers))
+        lines.append(f"✓ Gradient checkpointing: ENABLED (policy: "
+                     f"{mc.activation_checkpoint.checkpoint_policy}, blocks: {which} of {mc.n_layer})")
+    else:
+        lines.append("✗ Gradient checkpointing: DISABLED")
+    return lines
+
+
+def memory_report(trainer) -> list[str]:
+    """The startup report's memory lines: levers, predicted peak, recommended batch."""
+    levers = trainer.cfg.memory_levers
+    on = [name for name, flag in (("lean loss", levers.lean_loss),
+                                  ("offload activations", levers.offload_activations),
+                                  ("optimizer in backward", levers.optimizer_in_backward)) if flag]
+    if levers.activation_memory_budget < 1.0:
+        on.append(f"compile memory budget {levers.activation_memory_budget:g}")
+    auto = " (auto)" if trainer.cfg.compile is None else ""
+    return [f"compile: {'on' if trainer.compile else 'off'}{auto}; memory levers: "
+            f"{', '.join(on) or 'none'}",
+            *trainer.prediction.lines(),
+            f"recommended batch size: {trainer.recommended_batch_size} for "
+            f"{trainer.free_gb:.1f} GiB free of {trainer.device_gb:.1f} GiB ({trainer.device.type})"]
+
+
+def startup_lines(trainer) -> list[str]:
+    """Everything printed once before the first step."""
+    t = trainer
+    lines = startup_report(t.cfg, t.model, t.device, t.dtype, t.batch_size, t.block_size,
+                           t.layers) + memory_report(t)
+    if t.dist.parallelism != "none":
+        lines.append(f"distributed: {t.dist.parallelism.upper()} over {t.dist.world_size} "
+                     f"rank(s), {t.cfg.gradient_accumulation_steps // t.dist.world_size} "
+                     f"micro-step(s) of {t.batch_size} x {t.block_size} per rank per iteration")
+    return lines
+
+
+def format_log_line(r: dict) -> str:
+    line = (f"iter {r['iter']}: loss {r['loss']:.4f}, time {r['time_ms']:.2f}ms, "
+            f"tok/s {r['tokens_per_sec']:,.0f}")
+    if "mfu" in r:
+        line += f", mfu {r['mfu'] * 100:.2f}%"
+    mem = [f"{k} {v:.3f}" for k, v in r.items() if k.startswith("memory/")]
+    return line + (", " + ", ".join(mem) if mem else "")
+
+
+def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> dict:
+    """The run's metrics file (plus `_losses`, the per-step losses, for the trace)."""
+    t, mc, cfg = trainer, trainer.model_config, trainer.cfg
+    levers = cfg.memory_levers
+    step = statistics.median(step_times) if step_times else None
+    measured = bool(t.memory.trace)
+    # every rank's (peak, reserved); the run's figure is the largest
+    peaks = distributed.gather((t.memory.peak_gb, t.memory.peak_reserved_gb))
+    return {
+        "preset": cfg.preset,
+        "params": t.model.num_params(),
+        "gradient_checkpointing": mc.gradient_checkpointing,
+        "policy": mc.activation_checkpoint.checkpoint_policy if mc.gradient_checkpointing else "none",
+        "checkpointed_blocks": len(t.layers),
+        "batch_size": t.batch_size,
+        "block_size": t.block_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "tokens_per_iter": tokens_per_iter,
+        "iters": t.iter_num,
+        "device": t.device.type,
+        "device_name": device_name(t.device),
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "torch_version": torch.__version__,
+        "world_size": t.dist.world_size,
+        "parallelism": t.dist.parallelism,
+        "peak_memory_gb": max(p for p, _ in peaks) if measured else None,
+        "peak_memory_gb_per_rank": [p for p, _ in peaks] if measured else None,
+        "peak_reserved_gb": max(r for _, r in peaks) if measured else None,
+        "peak_memory_source": t.memory.source,
+        "predicted_peak_gb": t.prediction.peak_gb,
+        # allocator peaks only: a CPU run measures the whole process's resident memory
+        "predicted/measured": t.prediction.peak_gb / max(p for p, _ in peaks)
+        if measured and t.device.type == "cuda" else None,
+        "recommended_batch_size": t.recommended_batch_size,
+        "compile": t.compile,
+        "lean_loss": levers.lean_loss,
+        "offload_activations": levers.offload_activations,
+        "optimizer_in_backward": levers.optimizer_in_backward,
+        "activation_memory_budget": levers.activation_memory_budget,
+        "step_time_ms": step * 1000 if step else None,
+        "tokens_per_sec": tokens_per_iter / step if step else None,
+        "mfu": flops_per_token(t.model) * tokens_per_iter / step / peak if step and peak else None,
+        "final_train_loss": evals.get("train"),
+        "final_val_loss": evals.get("val"),
+        "last_step_loss": losses[-1][1] if losses else None,
+        "oom": False,
+        "_losses": losses,
+    }
+
+
+def oom_record(trainer, error: Exception) -> tuple[dict, str]:
+    """After a CUDA out-of-memory: the run's metrics (oom: true) and the one-line advice."""
+    t = trainer
+    b = min(t.recommended_batch_size or 0, t.batch_size - 1)  # smaller than what failed
+    advice = (f"--batch_size {b}" if b else "batch_size 1 does not fit either; try "
+              "--gradient_checkpointing true --lean_loss true")
+    metrics = {"preset": t.cfg.preset, "oom": True, "error": str(error).splitlines()[0],
+               "batch_size": t.batch_size, "block_size": t.block_size,
+               "predicted_peak_gb": t.prediction.peak_gb,
+               "device_memory_gb": t.device_gb, "recommended_batch_size": b,
+               "device_name": device_name(t.device), "torch_version": torch.__version__}
+    message = (f"batch_size {t.batch_size} x {t.block_size} needs about "
+               f"{t.prediction.peak_gb:.1f} GiB (predicted); the device has "
+               f"{t.device_gb:.1f} GiB ({t.free_gb:.1f} GiB free at start); use {advice}")
+    return metrics, message
+
+
+def write_run_files(cfg: TrainConfig, metrics: dict, trace_rows: list[tuple]) -> None:
+    """metrics_file and memory_trace_file, each when set."""
+    if cfg.metrics_file:
+        write_json(cfg.metrics_file, metrics)
+    if cfg.memory_trace_file:
+        write_tsv(cfg.memory_trace_file, TRACE_HEADER, trace_rows)
