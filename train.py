@@ -3,8 +3,8 @@
     python3 train.py --config config/train_shakespeare_char.py --max_iters 10 --gradient_checkpointing true
     python3 train.py --config config/train_gpt2.py --checkpoint_policy selective --batch_size 16
 
-Every TrainConfig field (neuromanifold_gpt/config/base.py) can be set as --key value or
---key=value; later ones win. Exit codes (neuromanifold_gpt/errors.py): 0 done, 2 bad input,
+Every field of TrainConfig and of its sections (neuromanifold_gpt/config/base.py) can be set
+as --key value or --key=value; later ones win. Exit codes (neuromanifold_gpt/errors.py): 0 done, 2 bad input,
 3 CUDA out of memory, 130 interrupted."""
 
 import sys

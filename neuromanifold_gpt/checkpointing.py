@@ -42,11 +42,9 @@ _SAVE_OPS = {
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    # Functional random ops (CUDA's native_dropout, SDPA with dropout) are saved: a saved op is
-    # not re-run, so had one random op been saved and another recomputed, the recomputed one
-    # would draw from a shifted RNG stream and get another dropout mask than in the forward.
-    # In-place random ops (CPU dropout's bernoulli_) are mutated right after; they are
-    # recomputed, with every other random op of their region, from the restored RNG state.
+    # Functional random ops (CUDA's native_dropout, SDPA with dropout) are saved: one recomputed
+    # after a saved one would draw from a shifted RNG stream, another mask. In-place ones (CPU
+    # dropout's bernoulli_) are recomputed with their whole region from the restored RNG state.
     random = torch.Tag.nondeterministic_seeded in op.tags and not op._schema.is_mutable
     if op in _SAVE_OPS or random:
         return CheckpointPolicy.MUST_SAVE

@@ -33,9 +33,8 @@ class OptimizerInBackward(torch.optim.AdamW):
             raise ValueError("optimizer_in_backward=true would step on this rank's gradients "
                              "before they are reduced across ranks; use it in a single process")
         super().__init__(params, **kwargs)
-        # The hooks live on the parameters: a strong reference back to the optimizer would be a
-        # cycle through C++ that the garbage collector cannot see, keeping the model and its
-        # AdamW states alive after both are dropped.
+        # weak: a strong reference from the parameters' hooks would be a cycle through C++ that
+        # the garbage collector cannot see, keeping model and AdamW states alive forever
         this = weakref.ref(self)
 
         def hook(p: torch.Tensor) -> None:
