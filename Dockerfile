@@ -1,7 +1,6 @@
-# The CUDA image that runs the DVC pipeline. The repository is not baked in: mount the checkout
-# at /work and run as yourself, so outputs belong to you and git trusts the checkout:
-#   docker build -t neuromanifold-gpt .
-#   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD":/work -w /work neuromanifold-gpt dvc repro
+# The CUDA image that runs the DVC pipeline; README.md ("Docker and GitHub Actions") gives the
+# commands, and scripts/image.sh runs them. The repository is not baked in: a run mounts the
+# checkout at /work and runs as its owner, so outputs belong to them and git trusts the checkout.
 #
 # BASE defaults to python:3.11.14-slim-bookworm, pinned by the digest of its multi-architecture
 # index; any Debian bookworm image with python3 and pip can stand in (--build-arg BASE=...). No
