@@ -30,12 +30,14 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
     && pip install --no-cache-dir --find-links /wheels -r /tmp/requirements.txt
 
 # A run passes --user with the host's uid, which has no entry in /etc/passwd: HOME is set here
-# and writable by any uid, so caches (corpus, tiktoken, matplotlib) have a place to go. The
-# system-wide safe.directory keeps `dvc metrics diff` working when a run forgets --user and the
-# checkout's owner differs from the process's.
+# and writable by any uid, so caches (corpus, tiktoken, matplotlib) have a place to go. ~/.cache
+# exists too: a volume mounted below it would otherwise make it root's, and matplotlib's cache
+# could not be written. The system-wide safe.directory keeps `dvc metrics diff` working when a
+# run forgets --user and the checkout's owner differs from the process's.
 RUN groupadd --gid 10001 neuromanifold \
     && useradd --create-home --home-dir /home/neuromanifold --uid 10001 --gid 10001 neuromanifold \
     && chmod 1777 /home/neuromanifold \
+    && install -d -m 1777 /home/neuromanifold/.cache \
     && git config --system --add safe.directory /work
 ENV HOME=/home/neuromanifold \
     PYTHONPATH=/work \

@@ -8,7 +8,7 @@
 #   scripts/image.sh diff                dvc metrics diff main (main's committed figures)
 #   scripts/image.sh compare REV [OPTIONS]
 #       measure commit REV here too (its own image, dvc repro [OPTIONS]) and print, as Markdown,
-#       the diff of this checkout's figures (run `repro` first) against REV's
+#       what changed in this checkout's figures (run `repro` first) against REV's
 #   scripts/image.sh reclaim             hand every file under the checkout back to the caller
 #
 # GPUS=all passes --gpus all to the runs; BASE_IMAGE=NAME builds on NAME instead of the
@@ -44,9 +44,9 @@ devices() { sed -n 's/^ *"device_name": "\(.*\)",*$/\1/p' "$1"/metrics/train/*/*
 compare() {
   local rev=${1:?compare needs the base commit}
   shift
-  local sha base measured head_on base_on
+  local sha measured head_on base_on
   sha=$(git rev-parse --verify "$rev^{commit}")
-  base=$(mktemp -d)
+  base=$(mktemp -d)  # global: the EXIT trap removes it
   trap 'rm -rf "$base"' EXIT
   git clone --quiet --no-checkout . "$base"
   git -C "$base" checkout --quiet --detach "$sha"
@@ -70,10 +70,10 @@ compare() {
       "measure both here: run \`repro\` before \`compare\`, both with --force" >&2
     return 1
   fi
-  echo "Base \`${sha:0:12}\` and head \`$(git rev-parse --short=12 HEAD)\`, both measured on this" \
-    "machine in one run: $head_on."
+  echo "Base \`${sha:0:12}\` (its figures measured here: column \`${measured:0:12}\`) against" \
+    "head \`$(git rev-parse --short=12 HEAD)\`, both measured on this machine in one run: $head_on."
   echo
-  run dvc metrics diff "$measured" --md --all
+  run dvc metrics diff "$measured" --md
 }
 
 case ${1:-} in
