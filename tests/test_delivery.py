@@ -1,16 +1,20 @@
-"""The Dockerfile, the workflows and .ci/run run the commands the README documents, safely.
+"""The Dockerfile, scripts/image.sh, the workflows and .ci/run run the commands the README
+documents, safely.
 
-Docker and a GitHub runner are not available to the tests, so these read the files: the
-README's quick start and Docker lines are the reference, and each delivery file must run the
-same install, `dvc repro` and `dvc metrics diff` commands. The linters of .ci/run run here too
-when they are installed.
+The README's quick start and Docker section are the reference. The Dockerfile must run the quick
+start's installs; scripts/image.sh, run here with a `docker` that only records its arguments,
+must run exactly the README's container commands; the GPU workflow's steps must be that script's
+phases, in the order .ci/image runs them on the CPU. The linters of .ci/run run here too when
+they are installed.
 """
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,17 +26,19 @@ except ModuleNotFoundError:  # Python 3.10, where pytest depends on tomli
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["README.md", "Dockerfile", ".dockerignore", ".ci/run", "pyproject.toml",
-         ".github/workflows/ci.yml", ".github/workflows/gpu.yml"]
-IMAGE = "neuromanifold-gpt"  # the README's image name; gpu.yml names its build "$IMAGE"
-# Options that change what pip prints or caches, not what it installs.
+FILES = ["README.md", "Dockerfile", ".dockerignore", ".ci/run", ".ci/image", "pyproject.toml",
+         "scripts/image.sh", ".github/workflows/ci.yml", ".github/workflows/gpu.yml"]
+IMAGE = "neuromanifold-gpt"  # the README's image name; scripts/image.sh adds a tag of its content
+# Options that change what pip prints or caches, or where it looks first, not what it installs.
 QUIET = {"-q", "--quiet", "--no-cache-dir"}
+WHERE = {"--find-links"}  # ... each followed by a value
 PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
 
 
 def words(cmd: str) -> list[str]:
     """One shell command as comparable words: `python3 -m pip` is `pip`, quiet options dropped."""
     w = [x for x in shlex.split(cmd, comments=True) if x not in QUIET]
+    w = [x for i, x in enumerate(w) if x not in WHERE and (i == 0 or w[i - 1] not in WHERE)]
     return ["pip"] + w[3:] if w[:3] == ["python3", "-m", "pip"] else w
 
 
@@ -58,22 +64,65 @@ def quick_start(readme: str) -> tuple[list[list[str]], list[list[str]]]:
     return commands(lines[0]), commands(lines[1])
 
 
-def docker_runs(text: str) -> list[list[str]]:
-    """The `docker run` commands of a text, as words, output redirections dropped."""
-    lines = text.replace("\\\n", " ").splitlines()
+def readme_containers(readme: str) -> list[list[str]]:
+    """The Docker section's `docker build` and `docker run --user` lines, as words."""
+    lines = readme.split("<!-- section: docker -->")[-1].replace("\\\n", " ").splitlines()
+    found = commands("\n".join(ln for ln in lines if ln.lstrip().startswith("docker ")))
+    return [c for c in found if c[1] == "build" or "--user" in c]
+
+
+# scripts/image.sh's phases that run the README's commands: (GPUS, arguments)
+SCRIPT_PHASES = [("", ["build"]), ("", ["check"]), ("all", ["repro"]), ("", ["repro"]),
+                 ("", ["diff"])]
+# A `docker` that appends its arguments, as one JSON line, to docker.log beside it.
+RECORDER = ("#!/bin/sh\nexec python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "
+            "\"$@\" >> \"$0.log\"\n")
+
+
+def script_containers(f: dict[str, str]) -> tuple[list[list[str]], list[str]]:
+    """The docker commands scripts/image.sh's phases run, with the README's placeholders
+    ($PWD, $HOME, the user) put back, and any phase that failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root, home, bin_ = Path(tmp, "checkout"), Path(tmp, "home"), Path(tmp, "bin")
+        for name in ("scripts/image.sh", "Dockerfile", "requirements.txt"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(f[name] if name in f else (ROOT / name).read_text())
+        bin_.mkdir()
+        (bin_ / "docker").write_text(RECORDER)
+        (bin_ / "docker").chmod(0o755)
+        failed = []
+        for gpus, args in SCRIPT_PHASES:
+            env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", HOME=str(home), GPUS=gpus)
+            env.pop("BASE_IMAGE", None)
+            done = subprocess.run(["bash", str(root / "scripts/image.sh"), *args], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                failed.append(f"scripts/image.sh {shlex.join(args)}: exit {done.returncode} "
+                              f"{done.stderr.strip()}")
+        log = bin_ / "docker.log"
+        calls = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+    user = f"{os.getuid()}:{os.getgid()}"
+    back = [(str(root), "$PWD"), (str(home), "$HOME")]
+    out = []
+    for call in calls:
+        words = ["docker"]
+        for w in call:
+            for path, name in back:
+                w = w.replace(path, name)
+            w = "$(id -u):$(id -g)" if w == user else w
+            words.append(IMAGE if w.startswith(IMAGE + ":") else w)
+        out.append(words)
+    return out, failed
+
+
+def script_phases(text: str, prefix: list[str]) -> list[list[str]]:
+    """The arguments of each command of a script that starts with prefix, redirections dropped."""
     found = []
-    for cmd in commands("\n".join(ln for ln in lines if ln.lstrip().startswith("docker run"))):
-        cmd = cmd[:cmd.index(">")] if ">" in cmd else cmd
-        found.append([IMAGE if w == "$IMAGE" else w for w in cmd])
+    for cmd in commands(text):
+        if cmd[:len(prefix)] == prefix:
+            args = cmd[len(prefix):]
+            found.append(args[:args.index(">")] if ">" in args else args)
     return found
-
-
-def gpu_run(runs: list[list[str]], repro: list[str]) -> list[str] | None:
-    return next((c for c in runs if "--gpus" in c and c[-len(repro):] == repro), None)
-
-
-def diff_run(runs: list[list[str]]) -> list[str] | None:
-    return next((c for c in runs if " dvc metrics diff " in f" {' '.join(c)} "), None)
 
 
 def dockerfile(text: str) -> list[tuple[str, str]]:
@@ -97,10 +146,16 @@ def run_steps(job: dict) -> str:
 def check_image(f: dict[str, str], pipeline: list[list[str]]) -> list[str]:
     problems = []
     instr = dockerfile(f["Dockerfile"])
-    runs = [c for kw, args in instr if kw == "RUN" for c in commands(args)]
+    # RUN's own options (--mount=...) come before the command.
+    runs = [c for kw, args in instr if kw == "RUN"
+            for c in commands(re.sub(r"^(--\S+\s+)+", "", args))]
     copies = {shlex.split(args)[0]: shlex.split(args)[-1] for kw, args in instr if kw == "COPY"}
-    base = next(args for kw, args in instr if kw == "FROM")
-    if not re.fullmatch(r"\S+:\S+@sha256:[0-9a-f]{64}", base.split()[0]):
+    mounts = re.findall(r"--mount=\S*source=([^,\s]+)", f["Dockerfile"])
+    build_args = dict(a.split("=", 1) for kw, a in instr if kw == "ARG" and "=" in a)
+    base = next(args for kw, args in instr if kw == "FROM").split()[0]
+    if named := re.fullmatch(r"\$\{?(\w+)\}?", base):
+        base = build_args.get(named.group(1), base)
+    if not re.fullmatch(r"\S+:\S+@sha256:[0-9a-f]{64}", base):
         problems.append(f"Dockerfile: base image {base!r} is not pinned by tag and digest")
     env = [w for kw, args in instr if kw == "ENV" for w in shlex.split(args)]
     if "DVC_NO_ANALYTICS=1" not in env:
@@ -134,19 +189,18 @@ def check_image(f: dict[str, str], pipeline: list[list[str]]) -> list[str]:
     if cmd != pipeline[-1]:
         problems.append(f"Dockerfile: CMD {cmd} is not the README's {shlex.join(pipeline[-1])}")
 
-    # The build context is an allow-list: every COPY source must be let through.
+    # The build context is an allow-list: every COPY or mount source must be let through.
     rules = [ln.strip() for ln in f[".dockerignore"].splitlines()
              if ln.strip() and not ln.startswith("#")]
     if rules[:1] != ["*"]:
         problems.append(".dockerignore: must start with '*' (an allow-list)")
-    for src in copies:
+    for src in [*copies, *mounts]:
         if "!" + src not in rules:
-            problems.append(f".dockerignore: {src} is copied by the Dockerfile but not allowed")
+            problems.append(f".dockerignore: {src} is used by the Dockerfile but not allowed")
     return problems
 
 
-def check_workflows(f: dict[str, str], repro: list[str], readme_gpu: list[str] | None,
-                    readme_diff: list[str] | None) -> list[str]:
+def check_workflows(f: dict[str, str]) -> list[str]:
     problems = []
     for name in ("ci.yml", "gpu.yml"):
         wf = workflow(f[".github/workflows/" + name])
@@ -179,14 +233,20 @@ def check_workflows(f: dict[str, str], repro: list[str], readme_gpu: list[str] |
     if not any(["bash", ".ci/run"] in commands(run_steps(j)) for j in ci["jobs"].values()):
         problems.append("ci.yml: does not run `bash .ci/run`")
 
+    # The GPU workflow runs scripts/image.sh's phases as .ci/image runs them on the CPU, plus
+    # --gpus all, and runs no container of its own.
     gpu = workflow(f[".github/workflows/gpu.yml"])
-    gpu_runs = "\n".join(run_steps(j) for j in gpu["jobs"].values())
-    if not any(c[:2] == ["docker", "build"] and c[-1] == "." for c in commands(gpu_runs)):
-        problems.append("gpu.yml: does not build the image")
-    if readme_gpu and gpu_run(docker_runs(gpu_runs), repro) != readme_gpu:
-        problems.append(f"gpu.yml: does not run the README's {shlex.join(readme_gpu)}")
-    if readme_diff and diff_run(docker_runs(gpu_runs)) != readme_diff + ["--md", "--all"]:
-        problems.append(f"gpu.yml: does not run the README's {shlex.join(readme_diff)} --md --all")
+    jobs = [j for j in gpu["jobs"].values() if "self-hosted" in j["runs-on"]]
+    gpu_runs = "\n".join(run_steps(j) for j in jobs)
+    if any(c[0] == "docker" for c in commands(gpu_runs)):
+        problems.append("gpu.yml: runs docker itself; its steps must be scripts/image.sh's phases")
+    if any(j.get("env", {}).get("GPUS") != "all" for j in jobs):
+        problems.append("gpu.yml: a GPU job does not set GPUS: all")
+    gpu_phases = script_phases(gpu_runs, ["bash", "scripts/image.sh"])
+    ci_phases = [c[2:] for c in script_phases(f[".ci/image"], ["phase"]) if c[1:2] == ["as_user"]]
+    if not ci_phases or gpu_phases != ci_phases:
+        problems.append(f"gpu.yml: its steps {gpu_phases} are not the phases .ci/image runs, in "
+                        f"its order: {ci_phases}")
     return problems
 
 
@@ -198,17 +258,17 @@ def problems(f: dict[str, str]) -> list[str]:
         found.append(".ci/run: does not run the README's test line: "
                      + " && ".join(map(shlex.join, tests)))
 
-    runs = docker_runs(f["README.md"].split("<!-- section: docker -->")[-1])
-    readme_gpu, readme_diff = gpu_run(runs, pipeline[-1]), diff_run(runs)
-    if readme_gpu is None:
+    readme = readme_containers(f["README.md"])
+    script, failed = script_containers(f)
+    found += failed
+    found += [f"scripts/image.sh: does not run the README's {shlex.join(c)}"
+              for c in readme if c not in script]
+    found += [f"README.md: its Docker section does not show {shlex.join(c)} "
+              "(run by scripts/image.sh)" for c in script if c not in readme]
+    if not any("--gpus" in c and c[-len(pipeline[-1]):] == pipeline[-1] for c in readme):
         found.append(f"README.md: no `docker run --gpus ... {shlex.join(pipeline[-1])}` in its "
-                     "docker section")
-    if readme_diff is None:
-        found.append("README.md: no `docker run ... dvc metrics diff` in its docker section")
-    header = "\n".join(ln.lstrip("# ") for ln in f["Dockerfile"].splitlines() if ln.startswith("#"))
-    if readme_gpu and gpu_run(docker_runs(header), pipeline[-1]) != readme_gpu:
-        found.append("Dockerfile: its header's `docker run` is not the README's GPU run line")
-    return found + check_workflows(f, pipeline[-1], readme_gpu, readme_diff)
+                     "Docker section")
+    return found + check_workflows(f)
 
 
 @pytest.fixture(scope="module")
@@ -232,15 +292,23 @@ DRIFTS = [
      ".ci/run: does not run"),
     ("README.md", "pip install -e . && dvc repro", "pip install -e . && dvc exp run",
      "Dockerfile: CMD"),
-    ("README.md", '--gpus all --user "$(id -u):$(id -g)" -v "$PWD":/work -w /work neuromanifold-gpt',
-     '--gpus all -v "$PWD":/work -w /work neuromanifold-gpt',
-     "gpu.yml: does not run the README's docker run --rm --gpus"),
-    ("README.md", "neuromanifold-gpt dvc metrics diff main",
-     "neuromanifold-gpt dvc metrics diff origin/main", "gpu.yml: does not run the README's"),
+    ("README.md", '--gpus all --user "$(id -u):$(id -g)" -v "$PWD":/work -w /work',
+     '--gpus all --user "$(id -u):$(id -g)" -v "$PWD":/work',
+     "scripts/image.sh: does not run the README's docker run --rm --gpus"),
+    ("README.md", "neuromanifold-gpt dvc metrics diff main", "neuromanifold-gpt dvc metrics diff origin/main",
+     "scripts/image.sh: does not run the README's"),
+    ("README.md", "print(torch.__version__, torch.cuda.is_available())", "print(torch.__version__)",
+     "scripts/image.sh: does not run the README's"),
+    ("scripts/image.sh", "-w /work \\\n", "\\\n", "its Docker section does not show"),
+    ("scripts/image.sh", 'gpus=(--gpus "$GPUS")', "gpus=()",
+     "scripts/image.sh: does not run the README's docker run --rm --gpus"),
+    ("scripts/image.sh", "diff) run dvc metrics diff main ;;", "", "scripts/image.sh diff: exit 2"),
     ("pyproject.toml", 'file = ["requirements.txt"]', 'file = ["requirements-gpu.txt"]',
      "pyproject.toml: dependencies"),
     (".dockerignore", "!requirements.txt", "", ".dockerignore: requirements.txt"),
-    ("Dockerfile", "pip install --no-cache-dir torch==2.13.0 && ", "", "Dockerfile: does not run"),
+    (".dockerignore", "!wheels", "", ".dockerignore: wheels"),
+    ("Dockerfile", "pip install --no-cache-dir --find-links /wheels torch==2.13.0 \\\n    && ", "",
+     "Dockerfile: does not run"),
     ("Dockerfile", "USER 10001:10001", "USER root", "runs as root"),
     ("Dockerfile", "slim-bookworm@sha256:", "slim-bookworm #", "not pinned by tag and digest"),
     (".ci/run", "python3 -m pytest tests", "python3 -m pytest tests/test_cli.py",
@@ -258,8 +326,12 @@ DRIFTS = [
      "actions/checkout@v4", "not pinned by commit SHA"),
     (".github/workflows/ci.yml", "persist-credentials: false", "persist-credentials: true",
      "keeps the token"),
-    (".github/workflows/gpu.yml", "dvc metrics diff main --md --all", "dvc metrics diff main --md",
-     "dvc metrics diff main --md --all"),
+    (".github/workflows/gpu.yml", "run: bash scripts/image.sh check",
+     "run: docker run --rm neuromanifold-gpt python3 -c 1", "gpu.yml: runs docker itself"),
+    (".github/workflows/gpu.yml", "GPUS: all", "GPUS: ''", "does not set GPUS: all"),
+    (".github/workflows/gpu.yml", "run: bash scripts/image.sh repro --force",
+     "run: bash scripts/image.sh repro", "are not the phases .ci/image runs"),
+    (".ci/image", "phase diff as_user diff\n", "", "are not the phases .ci/image runs"),
 ]
 
 
