@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import build_model, distributed, levers
+from . import build_model, distributed, levers, planner
 from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .data import BatchLoader
 from .memory import MemoryMonitorCallback
 from .metrics import atomic_path, write_json, write_tsv
-from .predictor import device_memory_gb, predict, recommended_batch_size
+from .predictor import device_memory_gb
 
 # Dense bf16 peak FLOP/s by device name, for MFU (the vendor's datasheet figures).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -105,35 +105,37 @@ def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) ->
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False):
-        self.cfg = cfg
+        planner.use_expandable_segments()  # before CUDA starts
         self.device, self.dtype = resolve_device(cfg)
         self.dist, self.device = distributed.init(self.device, cfg)
         self.quiet = quiet or not self.dist.is_main  # only rank 0 prints
-        self.batch_size, self.block_size = cfg.resolved_batch(self.device.type)
+        self.free_gb, self.device_gb = device_memory_gb(self.device)  # before the model exists
+        _, self.block_size = cfg.resolved_batch(self.device.type)
         torch.manual_seed(cfg.seed)
-        self.loader = BatchLoader(cfg.data_dir, cfg.dataset, self.batch_size, self.block_size,
+        self.loader = BatchLoader(cfg.data_dir, cfg.dataset, 1, self.block_size,
                                   self.device, seed=cfg.seed + self.dist.rank)  # own stream per rank
+        # compile, lean loss, batch and a budget's plan, where cfg leaves them to the machine;
+        # every rank plans for the least free memory, so all choose alike
+        self.setup = planner.Planner(self.loader.vocab_size, self.device.type, self.dtype,
+                                     self.dist.world_size).setup(
+            cfg, min(distributed.gather(self.free_gb)), self.device_gb)
+        self.cfg = cfg = self.setup.cfg
+        self.batch_size, _ = cfg.resolved_batch(self.device.type)
+        self.loader.batch_size = self.batch_size
         self.model_config = cfg.model_config(self.loader.vocab_size, self.block_size)
-        # compile pays on CUDA (faster steps, fewer saved activations); on the CPU its
-        # minutes of compile time are rarely won back
-        self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compile = cfg.compile
         if cfg.activation_memory_budget < 1.0 and not self.compile:
             raise ValueError(f"activation_memory_budget={cfg.activation_memory_budget} acts only "
                              f"on compiled blocks and compile is off on {self.device.type}; set "
                              f"--compile true or the budget to 1")
-        self.prediction = predict(cfg, self.loader.vocab_size, self.device.type, self.dtype,
-                                  self.compile)
-        self.free_gb, self.device_gb = device_memory_gb(self.device)  # before the model exists
-        self.recommended_batch_size = recommended_batch_size(
-            cfg, self.loader.vocab_size, self.device.type, self.dtype, self.compile, self.free_gb)
+        self.prediction = self.setup.prediction
+        self.recommended_batch_size = self.setup.recommended
         self.model = build_model(self.model_config).to(self.device)
         self.layers = checkpointed_layers(self.model_config)
         if self.dist.world_size > 1:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
         # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2)
         self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
-        if self.compile and self.model.lean_loss is not None:
-            self.model.lean_loss.compile()  # its per-chunk kernel; the chunk loop stays eager
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.memory = MemoryMonitorCallback(self.device)
         self.callbacks = [self.memory] + list(callbacks or [])
@@ -145,19 +147,8 @@ class Trainer:
             self._load_snapshot()
 
     def memory_report(self) -> list[str]:
-        """The startup report's memory lines: levers, predicted peak, recommended batch."""
-        cfg = self.cfg
-        on = [name for name, flag in (("lean loss", cfg.lean_loss),
-                                      ("offload activations", cfg.offload_activations),
-                                      ("optimizer in backward", cfg.optimizer_in_backward)) if flag]
-        if cfg.activation_memory_budget < 1.0:
-            on.append(f"compile memory budget {cfg.activation_memory_budget:g}")
-        auto = " (auto)" if cfg.compile is None else ""
-        return [f"compile: {'on' if self.compile else 'off'}{auto}; memory levers: "
-                f"{', '.join(on) or 'none'}",
-                *self.prediction.lines(),
-                f"recommended batch size: {self.recommended_batch_size} for "
-                f"{self.free_gb:.1f} GiB free of {self.device_gb:.1f} GiB ({self.device.type})"]
+        """The startup report's memory lines: levers, plan, predicted peak, recommended batch."""
+        return self.setup.lines
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -351,9 +342,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
     try:
         metrics = trainer.run()
     except torch.cuda.OutOfMemoryError as e:
-        b = min(trainer.recommended_batch_size or 0, trainer.batch_size - 1)  # smaller than what failed
-        advice = (f"--batch_size {b}" if b else "batch_size 1 does not fit either; try "
-                  "--gradient_checkpointing true --lean_loss true")
+        b, advice = planner.oom_advice(trainer.setup, trainer.batch_size)
         metrics = {"preset": cfg.preset, "oom": True, "error": str(e).splitlines()[0],
                    "batch_size": trainer.batch_size, "block_size": trainer.block_size,
                    "predicted_peak_gb": trainer.prediction.peak_gb,

@@ -17,17 +17,18 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """name -> (base type, accepts None)."""
+def _field_types() -> dict[str, tuple[type, bool, bool]]:
+    """name -> (base type, accepts None, accepts auto: a number field that also takes a str)."""
     hints = typing.get_type_hints(TrainConfig)
     out = {}
     for f in dataclasses.fields(TrainConfig):
         hint = hints[f.name]
         args = typing.get_args(hint)
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            out[f.name] = (next(a for a in args if a is not type(None)), True)
+            base = next(a for a in args if a is not type(None))
+            out[f.name] = (base, type(None) in args, base is not str and str in args)
         else:
-            out[f.name] = (hint, False)
+            out[f.name] = (hint, False, False)
     return out
 
 
@@ -44,9 +45,11 @@ def coerce(key: str, value, where: str):
     types_ = _field_types()
     if key not in types_:
         raise _unknown(key, where)
-    typ, nullable = types_[key]
+    typ, nullable, auto = types_[key]
     if nullable and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None
+    if auto and isinstance(value, str) and value.lower() == "auto":
+        return "auto"
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -71,7 +74,7 @@ def coerce(key: str, value, where: str):
     elif typ is str and isinstance(value, str):
         return value
     expected = {bool: "true/false (also 1/0, yes/no)", int: "an integer", float: "a number",
-                str: "a string"}[typ]
+                str: "a string"}[typ] + (" or auto" if auto else "")
     raise ValueError(f"{key}={value!r} {where} is not valid: expected {expected}")
 
 
