@@ -76,14 +76,16 @@ def test_batch_size_auto_trains_at_the_recommended_batch(data_dir, tmp_path, cap
     assert f"tokens per iteration will be: {b * 16:,} (1 x {b} x 16)" in out
 
 
-def test_report_names_the_lever_that_buys_the_most():
-    cfg = gpt2(lean_loss=False)
+@pytest.mark.parametrize("compile, winner", [(True, "--gradient_checkpointing true"),
+                                             (False, "--lean_loss true")])  # eager: 12 bytes per logit
+def test_report_names_the_lever_that_buys_the_most(compile, winner):
+    cfg = planner._with(gpt2(lean_loss=False), compile=compile)
     setup = H200.setup(cfg, free_gb=139.3, device_gb=139.8)
     limit = HEADROOM * 139.3
     lean = H200.largest_batch(planner._with(cfg, lean_loss=True), limit)
     block = H200.largest_batch(planner._with(cfg, **planner.BLOCK), limit)
     flag, best = ("--lean_loss true", lean) if lean >= block else ("--gradient_checkpointing true", block)
-    assert best > setup.recommended == H200.largest_batch(cfg, limit)
+    assert flag == winner and best > setup.recommended == H200.largest_batch(cfg, limit)
     assert setup.lines[-1] == (f"recommended batch size: {setup.recommended} (with {flag}: {best}) "
                                f"for 139.3 GiB free of 139.8 GiB (cuda)")
     # with every lever already on, none is named
@@ -120,6 +122,14 @@ def test_budget_picks_the_fastest_plan_predicted_to_fit(budget, monkeypatch):
     assert dict(PLANS)[label].items() <= vars(plan).items()
     assert lines == [f"memory plan for {budget:g} GiB: {label} (predicted peak {peaks[label]:.2f} GiB, "
                      f"step {COSTS['step_ratio'][label]:.2f}x the fastest plan's as measured on test)"]
+
+
+def test_budget_leaves_a_margin_for_the_predictor(monkeypatch):
+    monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
+    none = H200.predict(planner._with(gpt2(), **dict(PLANS)["none"])).peak_gb
+    assert H200.fastest_plan(gpt2(), none / planner.BUDGET_MARGIN)[0] == "none"
+    # predicted to fit, but closer to the budget than the predictor's error: a leaner plan
+    assert H200.fastest_plan(gpt2(), 1.02 * none)[0] != "none"
 
 
 def test_budget_that_nothing_fits_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
