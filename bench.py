@@ -1,73 +1,121 @@
 """Peak memory and speed of every recompute policy and memory lever, eager and compiled,
-against HuggingFace GPT-2 of the same shape in the same process.
+against a whole-model torch.compile of the same model and HuggingFace GPT-2 of the same
+shape, all in the same process.
 
     python3 bench.py                      # CUDA: gpt2, gpt2-medium (12 x 1024), shakespeare_char (64 x 256)
-    python3 bench.py --presets gpt2 --steps 8
+    python3 bench.py --presets gpt2 --repeat 3 --only "reference,compiled none,compiled block +lean"
     python3 bench.py --snapshot "compiled block +lean"   # also dump that row's CUDA memory history
     python3 bench.py --quick              # CPU smoke run: tiny shapes, eager, a few seconds
+    python3 bench.py --plans batch,budget --against out/bench/bench.json --out_dir out/plans
 
 Each row trains on random tokens (memory and speed do not depend on the data) through the
 same Trainer as train.py: one warm-up step (compile, optimizer state), then --steps timed
 steps; peak memory is the allocator's peak over the timed steps, step time their median.
-The baseline is our fastest configuration without recompute or offload; HF runs
-GPT2LMHeadModel eager, as its users do, with and without gradient_checkpointing_enable().
+--repeat N runs every row N times, interleaved (row 1, row 2, ..., row 1, row 2, ...), and
+reports the median of the N step times and their spread (min-max). Compiled graphs stay in
+inductor's on-disk caches, so a repeat rebuilds a row in seconds.
+
+The reference is a whole-model torch.compile of our model with the plain F.cross_entropy and
+no checkpointing, trained by a plain loop; the baseline is our fastest configuration without
+recompute or offload. HF runs GPT2LMHeadModel eager, as its users do, with and without
+gradient_checkpointing_enable(). Rows marked (liger) or (chunked) run Liger's fused
+linear cross-entropy or our chunked one in place of cut-cross-entropy's kernel.
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
 vs step time per preset, with the Pareto front).
+
+--plans checks the planner's promises instead, each run a fresh train.py process on random
+tokens: `batch` trains each of --batch_presets a few steps at --batch_size auto under each of
+PLAN_POLICIES (did it run, how far is the measured peak from the predicted one?); `budget`
+trains each of --budget_presets with --memory_budget_gb for each of --budgets (is the measured
+peak within the budget, and how does the step compare with the fastest row of the bench.json
+given by --against that fits?). Writes OUT_DIR/plans.json and plans.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
+from neuromanifold_gpt import build_model
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.errors import TrainingOOM, entry_point
 from neuromanifold_gpt.files import atomic_path, read_json, write_json
+from neuromanifold_gpt.loss import LinearCrossEntropyLoss, linear_cross_entropy
 from neuromanifold_gpt.memory import measure, reset_peak
+from neuromanifold_gpt.optim import make_optimizer
+from neuromanifold_gpt.planner import COSTS_FILE, PLANS, use_expandable_segments
 from neuromanifold_gpt.plots import plot_bench
-from neuromanifold_gpt.trainer import train
+from neuromanifold_gpt.trainer import Trainer, train
 
 VOCAB = {"shakespeare_char": 65, "gpt2": 50257, "gpt2-medium": 50257}
-LEAN = dict(lean_loss=True)
-BLOCK = dict(gradient_checkpointing=True, checkpoint_policy="block")
-IN_BACKWARD = dict(optimizer_in_backward=True, grad_clip=0.0)
 TIE = 0.03  # step times this close count as equally fast when choosing the baseline
+REFERENCE = "reference"  # whole-model compile, plain loss, no checkpointing
 
 
-def policy(name: str) -> dict:
-    return dict(gradient_checkpointing=True, checkpoint_policy=name)
+def _liger(x, weight, targets):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss()(weight, x.reshape(-1, x.size(-1)), targets.reshape(-1))
 
 
-def our_rows(quick: bool) -> list[tuple[str, dict]]:
-    """(label, TrainConfig overrides): every policy with and without the lean loss, the
-    levers, eager and compiled."""
-    eager = [("none", {}), ("none +lean", LEAN)]
-    for p in ("block", "attention", "mlp", "selective"):
-        eager += [(p, policy(p)), (f"{p} +lean", {**policy(p), **LEAN})]
-    rows = [(f"eager {label}", dict(kw, compile=False)) for label, kw in eager]
+LOSS_KERNELS = {"liger": _liger, "chunked": linear_cross_entropy}
+
+
+@contextlib.contextmanager
+def lean_kernel(name: str | None):
+    """Run the lean loss through another kernel (LOSS_KERNELS) while the block runs."""
+    if name is None:
+        yield
+        return
+    original = LinearCrossEntropyLoss.forward
+    LinearCrossEntropyLoss.forward = torch.compiler.disable(
+        lambda self, x, weight, targets: LOSS_KERNELS[name](x, weight, targets))
+    try:
+        yield
+    finally:
+        LinearCrossEntropyLoss.forward = original
+
+
+def row_settings(fields: dict, compile: bool) -> dict:
+    # optimizer_in_backward steps before a global norm exists: such rows train unclipped
+    clip = dict(grad_clip=0.0) if fields.get("optimizer_in_backward") else {}
+    return dict(fields, compile=compile, **clip)
+
+
+def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
+    """(label, TrainConfig overrides, lean kernel): every plan the planner weighs, eager and
+    compiled, and the lean loss through the other kernels."""
+    eager = [(f"eager {label}", row_settings(kw, False), None) for label, kw in PLANS
+             if "activation_memory_budget" not in kw]
     if quick:
-        return rows + [("eager block +lean +opt-in-bwd +offload",
-                        dict(BLOCK, **LEAN, **IN_BACKWARD, offload_activations=True, compile=False))]
-    compiled = [("none", {}), ("none +lean", LEAN), ("block +lean", {**BLOCK, **LEAN})]
-    compiled += [(f"{p} +lean", {**policy(p), **LEAN}) for p in ("attention", "mlp", "selective")]
-    compiled += [
-        ("block/2 +lean", dict(BLOCK, checkpoint_every=2, **LEAN)),
-        ("none +lean budget 0.5", dict(LEAN, activation_memory_budget=0.5)),
-        ("none +lean budget 0.25", dict(LEAN, activation_memory_budget=0.25)),
-        ("block +lean +opt-in-bwd", dict(BLOCK, **LEAN, **IN_BACKWARD)),
-        ("block +lean +opt-in-bwd +offload", dict(BLOCK, **LEAN, **IN_BACKWARD,
-                                                  offload_activations=True)),
-    ]
-    return rows + [(f"compiled {label}", dict(kw, compile=True)) for label, kw in compiled]
+        return eager
+    compiled = []
+    for label, kw in PLANS:
+        compiled.append((f"compiled {label}", row_settings(kw, True), None))
+        if label in ("none +lean", "block +lean"):
+            compiled += [(f"compiled {label} ({kernel})", row_settings(kw, True), kernel)
+                         for kernel in LOSS_KERNELS]
+    return eager + compiled
+
+
+def whole_rows() -> list[tuple[str, dict]]:
+    """(label, overrides) run by run_whole: the reference, and whole-model compile of one
+    checkpointed plan, to compare with our per-block compile."""
+    plans = dict(PLANS)
+    return [(REFERENCE, plans["none"]), ("whole-model block +lean", plans["block +lean"])]
 
 
 class SnapshotCallback:
@@ -96,24 +144,82 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def run_ours(preset: str, label: str, overrides: dict, data_dir: str, steps: int, shape,
-             snapshot: Path | None) -> dict:
+def bench_config(preset: str, data_dir: str, steps: int, shape, overrides: dict) -> TrainConfig:
     B, T = shape
     model_kw = dict(n_layer=2, n_head=2, n_embd=64) if preset == "tiny" else {}
-    cfg = TrainConfig.from_flags(preset="shakespeare_char" if preset == "tiny" else preset,
-                                 dataset=f"bench_{preset}", data_dir=data_dir, batch_size=B,
-                                 block_size=T, max_iters=steps + 1, eval_interval=10**6,
-                                 eval_iters=1, log_interval=10**6, warmup_iters=0, decay_lr=False,
-                                 **model_kw, **overrides)
+    return TrainConfig.from_flags(preset="shakespeare_char" if preset == "tiny" else preset,
+                                  dataset=f"bench_{preset}", data_dir=data_dir, batch_size=B,
+                                  block_size=T, max_iters=steps + 1, eval_interval=10**6,
+                                  eval_iters=1, log_interval=10**6, warmup_iters=0, decay_lr=False,
+                                  **model_kw, **overrides)
+
+
+def run_ours(preset: str, overrides: dict, kernel: str | None, data_dir: str, steps: int, shape,
+             snapshot: Path | None) -> dict:
+    cfg = bench_config(preset, data_dir, steps, shape, overrides)
     callbacks = [SnapshotCallback(snapshot)] if snapshot else []
+    # no evaluation at the end: it measures nothing here, and compiling the model's inference
+    # graph would cost a whole-model compile per row
+    no_eval = mock.patch.object(Trainer, "estimate_loss",
+                                lambda self: dict(train=float("nan"), val=float("nan")))
     try:
-        m = train(cfg, callbacks=callbacks, quiet=True)
+        with lean_kernel(kernel), no_eval:
+            m = train(cfg, callbacks=callbacks, quiet=True)
     except TrainingOOM as e:
         return dict(oom=True, error=str(e))
     return dict(oom=False, peak_allocated_gb=m["peak_memory_gb"],
                 peak_reserved_gb=m["peak_reserved_gb"], step_ms=m["step_time_ms"],
-                tokens_per_s=m["tokens_per_sec"], predicted_gb=m["predicted_peak_gb"],
+                tokens_per_s=m["tokens_per_sec"],
+                # the predictor models cut-cross-entropy's kernel, not the others
+                predicted_gb=None if kernel else m["predicted_peak_gb"],
                 memory_source=m["peak_memory_source"], compile=m["compile"])
+
+
+def timed_steps(step, steps: int, tokens: int, device: torch.device) -> dict:
+    """One warm-up step, then `steps` timed ones: median step time and the peaks over them."""
+    times, peaks, reserved = [], [], []
+    try:
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first step is warm-up, as in the Trainer
+                times.append(time.perf_counter() - t0)
+                m = measure(device)
+                peaks.append(m.peak_gb)
+                reserved.append(m.peak_reserved_gb)
+            reset_peak(device)
+    except torch.cuda.OutOfMemoryError as e:
+        return dict(oom=True, error=str(e).splitlines()[0])
+    median = statistics.median(times)
+    return dict(oom=False, peak_allocated_gb=max(peaks), peak_reserved_gb=max(reserved),
+                step_ms=median * 1000, tokens_per_s=tokens / median, predicted_gb=None,
+                memory_source=measure(device).source)
+
+
+def run_whole(preset: str, overrides: dict, data_dir: str, steps: int, shape,
+              device: torch.device) -> dict:
+    """Our model under one torch.compile of the whole model, trained by a plain loop: bf16
+    autocast, fused AdamW, clipping, as the Trainer does."""
+    cfg = bench_config(preset, data_dir, steps, shape, dict(overrides, compile=True))
+    B, T = shape
+    vocab = VOCAB.get(preset, 65)
+    model = build_model(cfg.model_config(vocab, T)).to(device)
+    model.compile()
+    optimizer = make_optimizer(model, cfg, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def step():
+        x = torch.randint(0, vocab, (B, T), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(x, x)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return dict(timed_steps(step, steps, B * T, device), compile=True)
 
 
 def run_hf(preset: str, checkpointing: bool, steps: int, shape, device: torch.device) -> dict:
@@ -133,33 +239,32 @@ def run_hf(preset: str, checkpointing: bool, steps: int, shape, device: torch.de
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    times, peaks, reserved = [], [], []
-    try:
-        for step in range(steps + 1):
-            x = torch.randint(0, VOCAB[preset], (B, T), device=device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step:  # the first step is warm-up, as in the Trainer
-                times.append(time.perf_counter() - t0)
-                m = measure(device)
-                peaks.append(m.peak_gb)
-                reserved.append(m.peak_reserved_gb)
-            reset_peak(device)
-    except torch.cuda.OutOfMemoryError as e:
-        return dict(oom=True, error=str(e).splitlines()[0])
-    finally:
-        del model, optimizer
-    step = statistics.median(times)
-    return dict(oom=False, peak_allocated_gb=max(peaks), peak_reserved_gb=max(reserved),
-                step_ms=step * 1000, tokens_per_s=B * T / step, predicted_gb=None,
-                memory_source=measure(device).source, compile=False)
+
+    def step():
+        x = torch.randint(0, VOCAB[preset], (B, T), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return dict(timed_steps(step, steps, B * T, device), compile=False)
+
+
+def merge_repeats(runs: list[dict]) -> dict:
+    """One row from its repeats: the median step time and its spread, the largest peak."""
+    ok = [r for r in runs if not r["oom"] and "failed" not in r]
+    if len(ok) < len(runs):
+        return next(r for r in runs if r["oom"] or "failed" in r)
+    row = dict(ok[0])
+    steps = [r["step_ms"] for r in ok]
+    row.update(step_ms=statistics.median(steps), step_ms_min=min(steps), step_ms_max=max(steps),
+               step_ms_runs=steps, tokens_per_s=statistics.median(r["tokens_per_s"] for r in ok),
+               peak_allocated_gb=max(r["peak_allocated_gb"] for r in ok),
+               peak_reserved_gb=max(r["peak_reserved_gb"] for r in ok),
+               wall_s=[r["wall_s"] for r in ok])
+    return row
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -168,13 +273,16 @@ def add_ratios(rows: list[dict]) -> None:
     (closer than that is timing noise, not a speed difference)."""
     for preset in dict.fromkeys(r["preset"] for r in rows):
         ok = [r for r in rows if r["preset"] == preset and not r["oom"] and "failed" not in r]
-        plain = [r for r in ok if r["impl"] == "ours" and r["recompute"] == "none"]
+        plain = [r for r in ok if r["impl"] == "ours" and r["recompute"] == "none"
+                 and not r.get("kernel")]
         fastest = min((r["step_ms"] for r in plain), default=None)
         ties = [r for r in plain if r["step_ms"] <= (1 + TIE) * fastest] if plain else []
         base = min(ties, key=lambda r: r["peak_allocated_gb"]) if ties else None
         hf = {r["label"]: r for r in ok if r["impl"] == "hf"}
         hf_eager, hf_gc = hf.get("HF eager"), hf.get("HF eager +gradient checkpointing")
+        ref = next((r for r in ok if r["label"] == REFERENCE), None)
         for r in ok:
+            r["time_vs_reference"] = r["step_ms"] / ref["step_ms"] if ref else None
             r["baseline"] = base["label"] if base else None
             r["mem_vs_baseline"] = r["peak_allocated_gb"] / base["peak_allocated_gb"] if base else None
             r["time_vs_baseline"] = r["step_ms"] / base["step_ms"] if base else None
@@ -196,26 +304,29 @@ def recompute_kind(overrides: dict) -> str:
     return "+".join(kinds) or "none"
 
 
+def fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
 def table(rows: list[dict]) -> str:
     from tabulate import tabulate
-
-    def fmt(v, spec):
-        return "" if v is None else format(v, spec)
 
     body = []
     for r in rows:
         if r["oom"] or "failed" in r:
-            body.append([r["preset"], r["label"], "OOM" if r["oom"] else "failed"] + [""] * 9)
+            body.append([r["preset"], r["label"], "OOM" if r["oom"] else "failed"] + [""] * 11)
             continue
+        spread = (f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}" if "step_ms_min" in r else "")
         body.append([r["preset"], r["label"], fmt(r["peak_allocated_gb"], ".2f"),
-                     fmt(r["peak_reserved_gb"], ".2f"), fmt(r["step_ms"], ".1f"),
-                     fmt(r["tokens_per_s"], ",.0f"), fmt(r.get("mem_vs_baseline"), ".2f"),
+                     fmt(r["peak_reserved_gb"], ".2f"), fmt(r["step_ms"], ".1f"), spread,
+                     fmt(r["tokens_per_s"], ",.0f"), fmt(r.get("time_vs_reference"), ".2f"),
+                     fmt(r.get("mem_vs_baseline"), ".2f"),
                      fmt(r.get("time_vs_baseline"), ".2f"), fmt(r.get("mem_vs_hf_gc"), ".2f"),
                      fmt(r.get("tokens_vs_hf"), ".2f"), fmt(r["predicted_gb"], ".2f"),
                      fmt(r.get("predictor_error") and 100 * r["predictor_error"], "+.1f")])
-    headers = ["preset", "configuration", "peak alloc GiB", "reserved GiB", "step ms", "tokens/s",
-               "mem / base", "time / base", "mem / HF gc", "tok/s / HF", "predicted GiB",
-               "pred. err %"]
+    headers = ["preset", "configuration", "peak alloc GiB", "reserved GiB", "step ms",
+               "spread ms", "tokens/s", "time / ref", "mem / base", "time / base", "mem / HF gc",
+               "tok/s / HF", "predicted GiB", "pred. err %"]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -223,16 +334,33 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="gpt2,gpt2-medium,shakespeare_char")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every row this many times, interleaved; report median and spread")
     parser.add_argument("--out_dir", default="out/bench")
     parser.add_argument("--quick", action="store_true", help="CPU, tiny shapes, eager rows only")
     parser.add_argument("--only", default="",
                         help="run only rows whose label contains one of these (comma-separated)")
+    parser.add_argument("--exact", action="store_true", help="--only names whole labels")
     parser.add_argument("--snapshot", default="", help="dump this row's CUDA memory history")
     parser.add_argument("--report", default="", metavar="JSON[,JSON...]",
                         help="only redo the table and the plot from earlier bench.json files "
                              "(a row of a later file replaces the same row of an earlier one)")
+    parser.add_argument("--write_costs", default="", metavar="PRESET",
+                        help="with --report: write the planner's step costs "
+                             f"({COSTS_FILE.name}) from this preset's compiled rows")
+    parser.add_argument("--plans", default="", metavar="batch,budget",
+                        help="check the planner instead: these tables (see above)")
+    parser.add_argument("--batch_presets", default="shakespeare_char,gpt2,gpt2-medium")
+    parser.add_argument("--budget_presets", default="gpt2,gpt2-medium")
+    parser.add_argument("--budgets", default="3,6,10,20", help="GiB, comma-separated")
+    parser.add_argument("--against", default="", metavar="JSON",
+                        help="with --plans: the bench.json to compare the budget plans with")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeat < 1:
+        raise ValueError("--steps and --repeat must be at least 1")
+    if args.plans:
+        return check_plans(args)
     if args.report:
         merged, meta = {}, {}
         for path in args.report.split(","):
@@ -242,6 +370,9 @@ def main(argv=None) -> int:
             meta = dict(data, sources=meta.get("sources", []) + [path])
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         report(Path(args.out_dir), meta, list(merged.values()))
+        if args.write_costs:
+            write_json(COSTS_FILE, plan_costs(meta, list(merged.values()), args.write_costs))
+            print(f"wrote {COSTS_FILE}")
         return 0
     if args.quick:
         device, presets, shapes = torch.device("cpu"), ["tiny"], {"tiny": (2, 32)}
@@ -254,6 +385,10 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
         shapes = {p: PRESETS[p]["cuda"] for p in presets}
+    use_expandable_segments()  # as every training run does
+    # a repeat of a row, and the next row with the same blocks, load compiled code from disk
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
     try:
         import transformers  # noqa: F401
         have_hf = True
@@ -262,47 +397,76 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch_version=torch.__version__, steps=args.steps,
+                torch_version=torch.__version__, steps=args.steps, repeat=args.repeat,
                 transformers_version=transformers.__version__ if have_hf else None)
-    rows = []
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as data_dir:
         for preset in presets:
             vocab = VOCAB.get(preset, 65)
             ids = np.random.default_rng(0).integers(0, vocab, 64 * shapes[preset][1] * 16)
             write_dataset(Path(data_dir) / f"bench_{preset}", ids, dict(vocab_size=vocab))
-            jobs = [(label, None) for label in ("HF eager", "HF eager +gradient checkpointing")
-                    if have_hf and preset != "tiny"]  # first: the reference every ratio needs
-            jobs += our_rows(args.quick)
-            jobs = [(label, kw) for label, kw in jobs
-                    if any(part in label for part in args.only.split(","))]
-            for label, kw in jobs:
-                release()
-                # what an earlier row left allocated would count in this row's peak
-                leftover = measure(device).current_gb if device.type == "cuda" else 0.0
-                t0 = time.perf_counter()
-                snap = out / f"snapshot_{preset}.pickle" if args.snapshot == label else None
-                try:
-                    if kw is None:
-                        r = run_hf(preset, "checkpointing" in label, args.steps, shapes[preset],
-                                   device)
-                    else:
-                        r = run_ours(preset, label, kw, data_dir, args.steps, shapes[preset], snap)
-                except Exception as e:  # one broken configuration must not void the others
-                    r = dict(oom=False, failed=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-                r.update(preset=preset, label=label, impl="ours" if kw is not None else "hf",
-                         batch_size=shapes[preset][0], block_size=shapes[preset][1],
-                         recompute=recompute_kind(kw or {}), wall_s=time.perf_counter() - t0,
-                         leftover_gb=leftover)
-                rows.append(r)
-                print(f"{preset:16s} {label:42s} " + (
-                    "OOM" if r["oom"] else r["failed"] if "failed" in r else
-                    f"peak {r['peak_allocated_gb']:7.3f} GiB, reserved "
-                    f"{r['peak_reserved_gb']:7.3f}, step {r['step_ms']:8.1f} ms, predicted "
-                    f"{r['predicted_gb'] or float('nan'):.3f}") + f"  ({r['wall_s']:.0f} s)",
-                    flush=True)
-                write_json(out / "bench.json", dict(meta, rows=rows))  # a cut-short run keeps its rows
-    report(out, meta, rows)
+            jobs = [("hf", label, {"checkpointing": "checkpointing" in label}, None)
+                    for label in ("HF eager", "HF eager +gradient checkpointing")
+                    if have_hf and preset != "tiny"]
+            jobs += [("whole", label, kw, None) for label, kw in whole_rows() if preset != "tiny"]
+            jobs += [("ours", label, kw, kernel) for label, kw, kernel in our_rows(args.quick)]
+            parts = args.only.split(",")
+            jobs = [job for job in jobs
+                    if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
+            for rep in range(args.repeat):
+                for impl, label, kw, kernel in jobs:
+                    r = run_row(preset, impl, label, kw, kernel, data_dir, args, shapes[preset],
+                                device, out)
+                    runs.setdefault((preset, label), []).append(r)
+                    print(f"{preset:16s} {label:42s} " + (
+                        "OOM" if r["oom"] else r["failed"] if "failed" in r else
+                        f"peak {r['peak_allocated_gb']:7.3f} GiB, reserved "
+                        f"{r['peak_reserved_gb']:7.3f}, step {r['step_ms']:8.1f} ms, predicted "
+                        f"{r['predicted_gb'] or float('nan'):.3f}") +
+                        f"  ({r['wall_s']:.0f} s, run {rep + 1}/{args.repeat})", flush=True)
+                    # a cut-short run keeps what it measured
+                    write_json(out / "bench.json", dict(meta, rows=[merge_repeats(v) for v in runs.values()]))
+    report(out, meta, [merge_repeats(v) for v in runs.values()])
     return 0
+
+
+def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
+    """The planner's cost table: each plan's step time over the fastest plan's, from this
+    preset's compiled rows of our Trainer (the lean loss through its own kernel)."""
+    steps = {r["label"].removeprefix("compiled "): r for r in rows
+             if r["preset"] == preset and r["impl"] == "ours" and not r.get("kernel")
+             and r["label"].startswith("compiled ") and not r["oom"] and "failed" not in r}
+    if not steps:
+        raise ValueError(f"no compiled rows of preset {preset!r} in the report; run "
+                         f"bench.py --presets {preset} first")
+    fastest = min(r["step_ms"] for r in steps.values())
+    r = next(iter(steps.values()))
+    return {"hardware": f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
+                        f"{preset} at {r['batch_size']} x {r['block_size']}, bench.py --steps "
+                        f"{meta['steps']} --repeat {meta.get('repeat', 1)}",
+            "step_ratio": {label: round(r["step_ms"] / fastest, 3) for label, r in steps.items()}}
+
+
+def run_row(preset, impl, label, kw, kernel, data_dir, args, shape, device, out) -> dict:
+    """One run of one row, with what it is and what it cost in wall time."""
+    release()
+    # what an earlier row left allocated would count in this row's peak
+    leftover = measure(device).current_gb if device.type == "cuda" else 0.0
+    t0 = time.perf_counter()
+    snap = out / f"snapshot_{preset}.pickle" if args.snapshot == label else None
+    try:
+        if impl == "hf":
+            r = run_hf(preset, kw["checkpointing"], args.steps, shape, device)
+        elif impl == "whole":
+            r = run_whole(preset, kw, data_dir, args.steps, shape, device)
+        else:
+            r = run_ours(preset, kw, kernel, data_dir, args.steps, shape, snap)
+    except Exception as e:  # one broken configuration must not void the others
+        r = dict(oom=False, failed=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    r.update(preset=preset, label=label, impl=impl, kernel=kernel, batch_size=shape[0],
+             block_size=shape[1], recompute=recompute_kind(kw if impl != "hf" else {}),
+             wall_s=time.perf_counter() - t0, leftover_gb=leftover)
+    return r
 
 
 def report(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -315,6 +479,116 @@ def report(out: Path, meta: dict, rows: list[dict]) -> None:
     plot_bench(rows, out / "bench.png")
     print(text)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+# -- the planner's promises ----------------------------------------------------------
+PLAN_POLICIES = {"none": ["--gradient_checkpointing", "false", "--lean_loss", "false"],
+                 "block": ["--gradient_checkpointing", "true", "--lean_loss", "false"],
+                 "block +lean": ["--gradient_checkpointing", "true", "--lean_loss", "true"]}
+PLAN_BATCH_STEPS = 3  # timed steps of a batch-size run: enough to reach the step's peak
+# After training, in the same process: what the device holds beyond the allocator's reserve
+# (CUDA context, loaded kernels, library handles), which the headroom must leave free.
+CHILD = """
+import json, sys, torch, train
+code = train.main(sys.argv[1:])
+if torch.cuda.is_initialized():
+    free, total = torch.cuda.mem_get_info()
+    print("CHECK " + json.dumps(dict(exit=code, used_gb=(total - free) / 2**30,
+          reserved_now_gb=torch.cuda.memory_reserved() / 2**30, total_gb=total / 2**30)))
+sys.exit(code)
+"""
+
+
+def run_train(data_dir: str, preset: str, extra: list[str], steps: int, metrics: Path) -> dict:
+    """One train.py process of a few steps: its exit, report lines, and metrics."""
+    args = ["--preset", preset, "--dataset", preset, "--data_dir", data_dir,
+            "--max_iters", str(steps + 1), "--eval_iters", "1", "--eval_interval", "100000",
+            "--log_interval", "100000", "--warmup_iters", "0", "--metrics_file", str(metrics), *extra]
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+    check = next((json.loads(line[6:]) for line in proc.stdout.splitlines()
+                  if line.startswith("CHECK ")), {})
+    report = [line for line in proc.stdout.splitlines() if "free of" in line or "memory plan" in line]
+    m = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    return dict(preset=preset, args=" ".join(extra), exit=proc.returncode, check=check, report=report,
+                error=proc.stderr.strip().splitlines()[-1:] if proc.returncode else [],
+                batch_size=m.get("batch_size"), oom=m.get("oom"), predicted_gb=m.get("predicted_peak_gb"),
+                peak_gb=m.get("peak_memory_gb"), reserved_gb=m.get("peak_reserved_gb"),
+                step_ms=m.get("step_time_ms"), policy=m.get("policy"), lean_loss=m.get("lean_loss"),
+                offload=m.get("offload_activations"), in_backward=m.get("optimizer_in_backward"),
+                checkpointed_blocks=m.get("checkpointed_blocks"))
+
+
+def fastest_bench_row(bench: dict, preset: str, budget: float) -> dict | None:
+    rows = [r for r in bench.get("rows", []) if r["preset"] == preset and r.get("impl") == "ours"
+            and not r.get("kernel") and r.get("peak_allocated_gb") is not None
+            and r["peak_allocated_gb"] <= budget]
+    return min(rows, key=lambda r: r["step_ms"], default=None)
+
+
+def check_plans(args) -> int:
+    tables = args.plans.split(",")
+    if not set(tables) <= {"batch", "budget"}:
+        raise ValueError(f"--plans {args.plans!r}: name the tables batch and/or budget")
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ValueError(f"--budgets {args.budgets!r}: expected GiB as numbers, comma-separated") from None
+    bench = read_json(args.against, required=("rows",)) if args.against else {}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {"batch": [], "budget": []}
+    lines = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        for preset in VOCAB:
+            ids = np.random.default_rng(0).integers(0, VOCAB[preset], 2_000_000)
+            write_dataset(Path(data_dir) / preset, ids, dict(vocab_size=VOCAB[preset]))
+        if "batch" in tables:
+            for preset in args.batch_presets.split(","):
+                for policy, flags in PLAN_POLICIES.items():
+                    r = run_train(data_dir, preset, ["--batch_size", "auto", *flags], PLAN_BATCH_STEPS,
+                                  out / f"batch_{preset}_{policy.replace(' ', '')}.json")
+                    r["plan"] = policy
+                    results["batch"].append(r)
+                    print(json.dumps(r), flush=True)
+                    write_json(out / "plans.json", results)
+            lines += ["| preset | plan | recommended batch | predicted GiB | measured GiB | error % | "
+                      "reserved GiB | ran |", "|---|---|---|---|---|---|---|---|"]
+            for r in results["batch"]:
+                err = (r["predicted_gb"] / r["peak_gb"] - 1) * 100 if r["peak_gb"] else None
+                ran = "yes" if r["exit"] == 0 else f"no (exit {r['exit']})"
+                lines.append(f"| {r['preset']} | {r['plan']} | {r['batch_size']} | "
+                             f"{fmt(r['predicted_gb'], '.2f')} | {fmt(r['peak_gb'], '.2f')} | "
+                             f"{fmt(err, '+.1f')} | {fmt(r['reserved_gb'], '.2f')} | {ran} |")
+            lines.append("")
+        if "budget" in tables:
+            for preset in args.budget_presets.split(","):
+                for budget in budgets:
+                    r = run_train(data_dir, preset, ["--memory_budget_gb", str(budget)], args.steps,
+                                  out / f"budget_{preset}_{budget:g}.json")
+                    best = fastest_bench_row(bench, preset, budget)
+                    r.update(budget_gb=budget, bench_row=best and best["label"],
+                             bench_step_ms=best and best["step_ms"])
+                    results["budget"].append(r)
+                    print(json.dumps(r), flush=True)
+                    write_json(out / "plans.json", results)
+            lines += ["| preset | budget GiB | plan | predicted GiB | measured GiB | within | step ms | "
+                      "fastest fitting bench row | its step ms | ratio |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in results["budget"]:
+                plan = next((x.split(": ", 1)[1].split(" (")[0] for x in r["report"]
+                             if x.startswith("memory plan")), (r["error"] or [""])[0])
+                within = "yes" if r["peak_gb"] is not None and r["peak_gb"] <= r["budget_gb"] else "no"
+                ratio = (r["step_ms"] / r["bench_step_ms"]
+                         if r["step_ms"] and r["bench_step_ms"] else None)
+                lines.append(f"| {r['preset']} | {r['budget_gb']:g} | {plan} | "
+                             f"{fmt(r['predicted_gb'], '.2f')} | {fmt(r['peak_gb'], '.2f')} | {within} | "
+                             f"{fmt(r['step_ms'], '.1f')} | {r['bench_row'] or ''} | "
+                             f"{fmt(r['bench_step_ms'], '.1f')} | {fmt(ratio, '.2f')} |")
+    text = "\n".join(lines) + "\n"
+    with atomic_path(out / "plans.md") as tmp:
+        tmp.write_text(text)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":

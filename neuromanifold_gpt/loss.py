@@ -1,19 +1,17 @@
-"""Memory-lean loss: the linear head and the cross-entropy, computed chunk by chunk.
+"""Memory-lean loss: the linear head and the cross-entropy without the (N, V) logits.
 
-The plain loss holds the (B*T, V) logits in the compute dtype, their fp32 copy, the fp32
-log-softmax saved for backward and, at the start of backward, two fp32 gradients beside it:
-up to 12 bytes per token per vocabulary entry (6.9 GiB at GPT-2 124M, 12 x 1024 tokens),
-more than the model's weights, gradients and AdamW states together. Here the forward pass walks over chunks of
-tokens and, for each, computes the logits, the loss and the gradient of the logits, then
-turns that gradient at once into the gradients of the hidden states and of the head weight.
-Only one chunk's logits exist at a time; backward merely scales the stored gradients, so
-the head is never recomputed.
+The plain loss holds the (B*T, V) logits and, at the start of backward, their gradient: at
+GPT-2's vocabulary that is more than the model's weights, gradients and AdamW states together.
 
-    loss = linear_cross_entropy(x, lm_head.weight, targets)  # x: (N, C), targets: (N,)
+    loss = LinearCrossEntropyLoss()(x, lm_head.weight, targets)  # x: (N, C), targets: (N,)
 
-The per-chunk arithmetic (`_chunk_loss_and_grad`) is a pure function: `LinearCrossEntropyLoss.
-compile_kernel()` compiles it alone (one static shape where the chunks divide B*T evenly), so the
-Python loop over chunks never enters a compiled graph.
+On CUDA it runs cut-cross-entropy's fused Triton kernel (`pip install -e ".[cuda]"`; chosen
+over Liger's fused kernel and our own by bench.py's measurement, see README). Elsewhere, or
+without that package, it runs `linear_cross_entropy` below, which is also the reference the
+fused kernel is tested against (tests/test_gpu.py): the forward pass walks over chunks of
+tokens and, for each, computes the logits, the loss and the gradient of the logits, then turns
+that gradient at once into the gradients of the hidden states and of the head weight. Only one
+chunk's logits exist at a time; backward merely scales the stored gradients.
 """
 
 from __future__ import annotations
@@ -21,13 +19,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+try:  # Linux with CUDA only (it needs Triton): the `cuda` extra
+    from cut_cross_entropy import linear_cross_entropy as _cce
+except ImportError:
+    _cce = None
+
 # Largest fp32 logits chunk: the loss's working set stays near 2-4x this, whatever B*T is.
 CHUNK_BYTES = 128 * 2**20
+IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it are not counted
 
 
 def chunk_tokens(n_tokens: int, vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Tokens per chunk: at most chunk_bytes of fp32 logits, and where possible a divisor of
-    n_tokens, so every chunk has the same shape (one compiled kernel, no recompiles)."""
+    n_tokens, so every chunk has the same shape."""
     cap = max(1, min(n_tokens, chunk_bytes // (4 * vocab_size)))
     first = -(-n_tokens // cap)  # fewest chunks under the cap
     for n_chunks in range(first, 2 * first + 1):
@@ -45,15 +49,15 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: t
     lse = torch.logsumexp(z, dim=-1)  # (c,)
     target_logit = z.gather(1, targets[:, None]).squeeze(1)  # (c,)
     loss_sum = ((lse - target_logit) * weights).sum()
-    # d loss / d logits = (softmax - one_hot) * weight, built in place in z: in eager mode the
-    # chunk then costs one fp32 copy of its logits, not four
+    # d loss / d logits = (softmax - one_hot) * weight, built in place in z: the chunk then
+    # costs one fp32 copy of its logits, not four
     grad = z.sub_(lse[:, None]).exp_()
     grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
     grad.mul_(weights[:, None])
     return loss_sum, grad.to(logits.dtype)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run the head matmul in (x's own dtype without autocast)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -62,7 +66,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, chunk, kernel, dtype, need_grad):
+    def forward(ctx, x, weight, targets, ignore_index, chunk, dtype, need_grad):
         # x: (N, C), weight: (V, C), targets: (N,). Autocast is off in here; dtypes are explicit.
         w = weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # the loss math is never below fp32
@@ -75,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, x.size(0), chunk):
             xc = x[s: s + chunk].to(dtype)  # (c, C)
             logits = xc @ w.t()  # (c, V)
-            part, g = kernel(logits, safe_targets[s: s + chunk], weights[s: s + chunk])
+            part, g = _chunk_loss_and_grad(logits, safe_targets[s: s + chunk], weights[s: s + chunk])
             del logits
             loss += part
             if need_grad:
@@ -94,35 +98,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # in place: a second (V, C) fp32 buffer would raise the peak at the start of backward
         grad_x = grad_x.mul_(grad_loss) if ctx.needs_input_grad[0] else None
         grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk: int | None = None,
-                         kernel=_chunk_loss_and_grad) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk: int | None = None) -> torch.Tensor:
     """F.cross_entropy(x @ weight.T, targets) (mean over targets != ignore_index) without
     ever holding the (N, V) logits. x: (N, C) or (B, T, C); targets: matching (N,) or (B, T)."""
     x = x.reshape(-1, x.size(-1))
     targets = targets.reshape(-1)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     chunk = chunk or chunk_tokens(x.size(0), weight.size(0))
     # ctx.needs_input_grad ignores no_grad mode: evaluation must skip the gradient matmuls here
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk, kernel, dtype,
-                                         need_grad)
+        return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk, dtype, need_grad)
+
+
+def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor,
+                               targets: torch.Tensor) -> torch.Tensor:
+    """linear_cross_entropy through cut-cross-entropy's kernel (CUDA, bf16/fp16 inputs): the
+    logits live only in on-chip memory, block by block."""
+    dtype = compute_dtype(x)
+    x = x.reshape(-1, x.size(-1)).to(dtype)
+    return _cce(x, weight.to(dtype), targets.reshape(-1), ignore_index=IGNORE_INDEX, impl="cce")
+
+
+def uses_fused_kernel(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the lean loss runs cut-cross-entropy's kernel for runs on this device/dtype."""
+    return _cce is not None and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 class LinearCrossEntropyLoss(nn.Module):
-    """linear_cross_entropy as a module without parameters (the state_dict is unchanged);
-    compile_kernel() compiles the per-chunk kernel only."""
+    """The lean loss as a module without parameters (the state_dict is unchanged)."""
 
-    def __init__(self):
-        super().__init__()
-        self.kernel = _chunk_loss_and_grad
-
-    def compile_kernel(self, **kwargs) -> None:
-        self.kernel = torch.compile(_chunk_loss_and_grad, dynamic=False, fullgraph=True, **kwargs)
-
+    @torch.compiler.disable  # a Python loop or a foreign kernel: compiled code calls it as is
     def forward(self, x, weight, targets):
-        return linear_cross_entropy(x, weight, targets, kernel=self.kernel)
+        if uses_fused_kernel(x.device.type, compute_dtype(x)):
+            return fused_linear_cross_entropy(x, weight, targets)
+        return linear_cross_entropy(x, weight, targets)

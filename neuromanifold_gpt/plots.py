@@ -83,10 +83,11 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
     fig = Figure(figsize=(6 * len(presets), 4.5), layout="constrained")
     for ax, preset in zip(fig.subplots(1, len(presets), squeeze=False)[0], presets, strict=True):
         ok = [r for r in rows if r["preset"] == preset and "step_ms" in r]
-        for impl, marker in (("ours", "o"), ("hf", "s")):
+        for impl, marker, name in (("ours", "o", "NeuroManifold"), ("whole", "^", "whole-model compile"),
+                                   ("hf", "s", "HuggingFace")):
             sel = [r for r in ok if r["impl"] == impl]
             ax.scatter([r["step_ms"] for r in sel], [r["peak_allocated_gb"] for r in sel],
-                       marker=marker, label="NeuroManifold" if impl == "ours" else "HuggingFace")
+                       marker=marker, label=name)
         front = pareto([(r["step_ms"], r["peak_allocated_gb"]) for r in ok])
         ax.plot([t for t, _ in front], [m for _, m in front], "k--", lw=1, label="Pareto front")
         for r in ok:

@@ -1,5 +1,5 @@
-"""Peak training memory predicted from the config, before anything is allocated, and the
-largest batch that fits the device.
+"""Peak training memory predicted from the config, before anything is allocated
+(neuromanifold_gpt/planner.py turns it into batch sizes and plans).
 
 The model follows one optimizer step through its phases and takes the largest total:
 
@@ -10,7 +10,10 @@ The model follows one optimizer step through its phases and takes the largest to
   optimizer all gradients and AdamW states
 
 Sizes are in bytes per token x width (N*C, N = batch x block) for activations, per
-parameter for weights, per token x vocabulary (N*V) for the plain loss. The per-layer
+parameter for weights, per token x vocabulary (N*V) for the plain loss. Under FSDP2 each
+rank keeps its shard of the weights, gradients and AdamW states (16/world_size bytes per
+parameter) plus the unsharded parameters in flight: the root's (embedding, head, final
+LayerNorm) for the whole step and two blocks' (the one running and the one prefetched). The per-layer
 coefficients are counted from what autograd saves for each op (eager) and from what
 torch.compile's partitioner saves (compiled), see `_kept_per_layer`; tests check the eager
 ones against a tensor-by-tensor count on the CPU, the bench checks the whole against
@@ -19,6 +22,7 @@ torch.cuda.max_memory_allocated.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +30,7 @@ import torch
 
 from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
-from .loss import chunk_tokens
+from .loss import chunk_tokens, uses_fused_kernel
 from .memory import GIB
 
 FP32 = 4  # master weights, gradients, AdamW states, the residual stream and LayerNorm outputs
@@ -79,10 +83,26 @@ def _weight_copies(policy: str, compiled: bool, a: int) -> int:
     return {"none": 12, "attention": 8, "mlp": 4, "block": 0, "selective": 0}[policy]
 
 
+def param_shapes(mc) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The shapes of one block's parameters and of the root's (embeddings/head, ln_f)."""
+    C, bias = mc.n_embd, mc.bias
+    layer = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C), (C,), (C,)]  # matmuls, LayerNorms
+    if bias:
+        layer += [(3 * C,), (C,), (4 * C,), (C,), (C,), (C,)]
+    root = [(mc.padded_vocab_size, C), (mc.block_size, C), (C,)] + ([(C,)] if bias else [])
+    return layer, root
+
+
+def shard_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
+    """Elements of rank 0's FSDP2 shards: each tensor is split along dim 0 into world_size
+    chunks of ceil(dim0 / world_size) rows (the last ones shorter), and rank 0 has a full one."""
+    return sum(-(-s[0] // world_size) * math.prod(s[1:]) for s in shapes)
+
+
 def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dtype,
-            compile: bool, batch_size: int | None = None) -> MemoryPrediction:
-    """Predicted peak allocated memory of one training step of `cfg` (batch_size overrides
-    the config's, for the batch-size search)."""
+            compile: bool, batch_size: int | None = None, world_size: int = 1) -> MemoryPrediction:
+    """Predicted peak allocated memory of one training step of `cfg` on one rank (batch_size
+    overrides the config's, for the batch-size search)."""
     B, T = cfg.resolved_batch(device_type)
     B = batch_size or B
     mc = cfg.model_config(vocab_size, T)
@@ -94,11 +114,18 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
     dropout = mc.dropout > 0
     compiled = compile
 
-    # 4 matmuls (12 C^2), their biases (9 C), two LayerNorms (2 C weights, 2 C biases)
-    n_layer_params = 12 * C * C + (13 * C if mc.bias else 2 * C)
-    n_params = L * n_layer_params + V * C + mc.block_size * C + (2 * C if mc.bias else C)
-    params, adamw = FP32 * n_params, 2 * FP32 * n_params
-    layer_grads = FP32 * n_layer_params
+    layer_shapes, root_shapes = param_shapes(mc)
+    n_layer_params = sum(math.prod(s) for s in layer_shapes)
+    n_root_params = sum(math.prod(s) for s in root_shapes)
+    n_params = L * n_layer_params + n_root_params
+    fsdp = cfg.fsdp and world_size > 1
+    # a rank's share of the weights: all of them, or its FSDP2 shard of each
+    held = (L * shard_numel(layer_shapes, world_size) + shard_numel(root_shapes, world_size)
+            if fsdp else n_params)
+    params, adamw = FP32 * held, 2 * FP32 * held
+    # FSDP2 keeps the root unsharded through the step and gathers two blocks at a time
+    in_flight = FP32 * (n_root_params + 2 * n_layer_params) if fsdp else 0
+    layer_grads = FP32 * n_layer_params  # unsharded until its reduce-scatter under FSDP2
     head_grad = FP32 * V * C  # the tied embedding/head gradient lives from loss to the end
     small = 4 * N * H + 16 * N  # attention log-sum-exp, LayerNorm mean and rstd
 
@@ -128,18 +155,24 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
     casts = 0 if (compiled or a == FP32) else a * C * C * sum(
         12 - _weight_copies(policy if i in ckpt else "none", compiled, a) for i in range(L))
 
-    # the loss: plain keeps the (N, V) fp32 log-softmax, its backward needs three of those;
-    # lean holds only one chunk's logits and the two gradients it computed
-    if levers.lean_loss:
+    # the loss: plain eager keeps the (N, V) fp32 log-softmax, its backward needs three of
+    # those; compiled, it keeps the logits in the compute dtype, and its backward writes their
+    # gradient over them (measured on the H200: 1.0 x aNV, not 2). The fused kernel saves its
+    # two inputs' casts and writes their gradients; the chunked one holds only one chunk's
+    # logits and the two gradients it computed.
+    w_copy = 0 if a == FP32 else a * V * C  # the head's cast, saved for its backward
+    lean = mc.memory_levers.lean_loss
+    if lean and uses_fused_kernel(device_type, dtype):
+        loss_fwd = w_copy + a * NC + FP32 * (N + V)
+        loss_bwd = head_grad + 2 * w_copy + f * NC + 2 * a * NC
+    elif lean:
         c = chunk_tokens(N, V)
-        # a chunk's logits, their fp32 copy and logsumexp's fp32 temporary (eager); the
-        # compiled kernel keeps two fp32 buffers and writes the gradient beside the logits
-        chunk_work = (2 * a + 8 if compiled else a + 8) * c * V
-        w_copy = 0 if a == FP32 else a * V * C
+        chunk_work = (a + 8) * c * V  # a chunk's logits, their fp32 copy, logsumexp's temporary
         loss_fwd = w_copy + head_grad + f * NC + max(chunk_work, a * c * V + a * V * C)
         loss_bwd = head_grad + f * NC
+    elif compiled:
+        loss_fwd = loss_bwd = a * N * V + a * NC + w_copy
     else:
-        w_copy = 0 if a == FP32 else a * V * C  # the head's cast, saved for its backward
         loss_fwd = (a + 8) * N * V + a * NC + w_copy
         loss_bwd = 12 * N * V + a * NC + w_copy
 
@@ -150,10 +183,11 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
 
     phases: dict[str, dict[str, float]] = {}
     other = CUDA_WORKSPACE if device_type == "cuda" else 0
+    params_live = params + in_flight  # through forward and backward; all resharded after
     # during the loss the final LayerNorm's output (the loss input, fp32) exists too
-    phases["loss"] = dict(params=params, optimizer=adamw, activations=sum(kept_dev) + stem_dev,
+    phases["loss"] = dict(params=params_live, optimizer=adamw, activations=sum(kept_dev) + stem_dev,
                           working=0.0, loss=loss_fwd + casts + f * NC, grads=0.0, other=other)
-    phases["backward start"] = dict(params=params, optimizer=adamw,
+    phases["backward start"] = dict(params=params_live, optimizer=adamw,
                                     activations=sum(kept_dev) + stem_dev, working=0.0,
                                     loss=loss_bwd, grads=0.0, other=other)
     in_backward = levers.optimizer_in_backward
@@ -162,11 +196,11 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
         # a checkpointed layer rebuilds its full activations; others have kept them
         own = full if i in ckpt else kept[i]
         phases[f"backward of block {i}"] = dict(
-            params=params, optimizer=adamw, activations=sum(kept_dev[:i]) + stem_dev,
+            params=params_live, optimizer=adamw, activations=sum(kept_dev[:i]) + stem_dev,
             working=own + bwd_tmp, loss=0.0, grads=head_grad + above, other=other)
     phases["optimizer step"] = dict(params=params, optimizer=adamw, activations=0.0,
                                     working=0.0, loss=0.0,
-                                    grads=0.0 if in_backward else FP32 * n_params, other=other)
+                                    grads=0.0 if in_backward else FP32 * held, other=other)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     breakdown = {k: v / GIB for k, v in phases[peak_phase].items()}
@@ -188,26 +222,3 @@ def device_memory_gb(device: torch.device) -> tuple[float, float]:
     except (OSError, KeyError, ValueError):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         return total, total
-
-
-# Allocated memory is not all the device gives: the caching allocator's reserve rounds and
-# fragments (reserved/allocated ran 1.02-1.10 in the bench), so leave a margin.
-HEADROOM = 0.90
-
-
-def recommended_batch_size(cfg: TrainConfig, vocab_size: int, device_type: str,
-                           dtype: torch.dtype, compile: bool, free_gb: float) -> int:
-    """The largest batch whose predicted peak fits in HEADROOM x free_gb (0 if none does)."""
-
-    def fits(b: int) -> bool:
-        return predict(cfg, vocab_size, device_type, dtype, compile, b).peak_gb <= HEADROOM * free_gb
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while fits(hi) and hi < 1 << 16:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo

@@ -9,7 +9,7 @@ import statistics
 
 import torch
 
-from . import distributed
+from . import distributed, planner
 from .config.base import TrainConfig
 from .device import device_name
 from .files import write_json, write_tsv
@@ -50,27 +50,11 @@ def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) ->
     return lines
 
 
-def memory_report(trainer) -> list[str]:
-    """The startup report's memory lines: levers, predicted peak, recommended batch."""
-    levers = trainer.cfg.memory_levers
-    on = [name for name, flag in (("lean loss", levers.lean_loss),
-                                  ("offload activations", levers.offload_activations),
-                                  ("optimizer in backward", levers.optimizer_in_backward)) if flag]
-    if levers.activation_memory_budget < 1.0:
-        on.append(f"compile memory budget {levers.activation_memory_budget:g}")
-    auto = " (auto)" if trainer.cfg.compile is None else ""
-    return [f"compile: {'on' if trainer.compile else 'off'}{auto}; memory levers: "
-            f"{', '.join(on) or 'none'}",
-            *trainer.prediction.lines(),
-            f"recommended batch size: {trainer.recommended_batch_size} for "
-            f"{trainer.free_gb:.1f} GiB free of {trainer.device_gb:.1f} GiB ({trainer.device.type})"]
-
-
 def startup_lines(trainer) -> list[str]:
     """Everything printed once before the first step."""
     t = trainer
     lines = startup_report(t.cfg, t.model, t.device, t.dtype, t.batch_size, t.block_size,
-                           t.layers) + memory_report(t)
+                           t.layers) + t.setup.lines
     if t.dist.parallelism != "none":
         lines.append(f"distributed: {t.dist.parallelism.upper()} over {t.dist.world_size} "
                      f"rank(s), {t.cfg.gradient_accumulation_steps // t.dist.world_size} "
@@ -140,9 +124,7 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
 def oom_record(trainer, error: Exception) -> tuple[dict, str]:
     """After a CUDA out-of-memory: the run's metrics (oom: true) and the one-line advice."""
     t = trainer
-    b = min(t.recommended_batch_size or 0, t.batch_size - 1)  # smaller than what failed
-    advice = (f"--batch_size {b}" if b else "batch_size 1 does not fit either; try "
-              "--gradient_checkpointing true --lean_loss true")
+    b, advice = planner.oom_advice(t.setup, t.batch_size)
     metrics = {"preset": t.cfg.preset, "oom": True, "error": str(error).splitlines()[0],
                "batch_size": t.batch_size, "block_size": t.block_size,
                "predicted_peak_gb": t.prediction.peak_gb,

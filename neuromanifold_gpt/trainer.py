@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import build_model, distributed, levers, reporting
+from . import build_model, distributed, levers, planner, reporting
 from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .data import BatchLoader
@@ -19,42 +19,44 @@ from .device import resolve_device
 from .errors import TrainingOOM
 from .memory import MemoryMonitorCallback
 from .optim import lr_at, make_optimizer
-from .predictor import device_memory_gb, predict, recommended_batch_size
+from .predictor import device_memory_gb
 from .snapshot import load_snapshot, save_snapshot
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False):
-        self.cfg = cfg
+        planner.use_expandable_segments()  # before CUDA starts
         self.device, self.dtype = resolve_device(cfg)
         self.dist, self.device = distributed.init(self.device, cfg)
         self.quiet = quiet or not self.dist.is_main  # only rank 0 prints
-        self.batch_size, self.block_size = cfg.resolved_batch(self.device.type)
+        self.free_gb, self.device_gb = device_memory_gb(self.device)  # before the model exists
+        _, self.block_size = cfg.resolved_batch(self.device.type)
         torch.manual_seed(cfg.seed)
-        self.loader = BatchLoader(cfg.data_dir, cfg.dataset, self.batch_size, self.block_size,
+        self.loader = BatchLoader(cfg.data_dir, cfg.dataset, 1, self.block_size,
                                   self.device, seed=cfg.seed + self.dist.rank)  # own stream per rank
+        # compile, lean loss, batch and a budget's plan, where cfg leaves them to the machine;
+        # every rank plans for the least free memory, so all choose alike
+        self.setup = planner.Planner(self.loader.vocab_size, self.device.type, self.dtype,
+                                     self.dist.world_size).setup(
+            cfg, min(distributed.gather(self.free_gb)), self.device_gb)
+        self.cfg = cfg = self.setup.cfg
+        self.batch_size, _ = cfg.resolved_batch(self.device.type)
+        self.loader.batch_size = self.batch_size
         self.model_config = cfg.model_config(self.loader.vocab_size, self.block_size)
-        # compile pays on CUDA (faster steps, fewer saved activations); on the CPU its
-        # minutes of compile time are rarely won back
-        self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compile = cfg.compile
         budget = cfg.memory_levers.activation_memory_budget
         if budget < 1.0 and not self.compile:
             raise ValueError(f"activation_memory_budget={budget} acts only "
                              f"on compiled blocks and compile is off on {self.device.type}; set "
                              f"--compile true or the budget to 1")
-        self.prediction = predict(cfg, self.loader.vocab_size, self.device.type, self.dtype,
-                                  self.compile)
-        self.free_gb, self.device_gb = device_memory_gb(self.device)  # before the model exists
-        self.recommended_batch_size = recommended_batch_size(
-            cfg, self.loader.vocab_size, self.device.type, self.dtype, self.compile, self.free_gb)
+        self.prediction = self.setup.prediction
+        self.recommended_batch_size = self.setup.recommended
         self.model = build_model(self.model_config).to(self.device)
         self.layers = checkpointed_layers(self.model_config)
         if self.dist.world_size > 1:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
         # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2)
         self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
-        if self.compile and self.model.lean_loss is not None:
-            self.model.lean_loss.compile_kernel()  # the chunk loop stays eager
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.memory = MemoryMonitorCallback(self.device)
         self.callbacks = [self.memory] + list(callbacks or [])

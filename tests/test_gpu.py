@@ -24,3 +24,39 @@ def test_every_policy_saves_allocator_memory_and_keeps_the_losses(data_dir):
         ck = run(data_dir, "--gradient_checkpointing", "true", "--checkpoint_policy", policy)
         assert ck["peak_memory_gb"] < base["peak_memory_gb"], policy
         assert ck["losses"] == pytest.approx(base["losses"], rel=1e-3), policy
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fused_kernel_matches_the_chunked_reference_within_bf16_rounding():
+    """cut-cross-entropy's kernel (the lean loss on CUDA) against our chunked loss, both
+    under bf16 autocast, at GPT-2's vocabulary; fp64 says how far each is from exact."""
+    from neuromanifold_gpt.loss import (
+        fused_linear_cross_entropy,
+        linear_cross_entropy,
+        uses_fused_kernel,
+    )
+
+    assert uses_fused_kernel("cuda", torch.bfloat16)  # the `cuda` extra is installed
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, C, V = 4096, 768, 50304
+    x = torch.randn(N, C, device="cuda", generator=g).requires_grad_()
+    w = (0.02 * torch.randn(V, C, device="cuda", generator=g)).requires_grad_()
+    t = torch.randint(0, 50257, (N,), device="cuda", generator=g)
+    t[::9] = -100  # ignored positions count in neither
+    out = {}
+    for name, fn in (("fused", fused_linear_cross_entropy), ("chunked", linear_cross_entropy)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(x, w, t)
+        (2 * loss).backward()  # a non-unit upstream gradient
+        out[name] = (loss.detach(), x.grad, w.grad)
+        x.grad = w.grad = None
+    exact = torch.nn.functional.cross_entropy(x.double() @ w.double().t(), t)
+    (2 * exact).backward()
+    (lf, gxf, gwf), (lc, gxc, gwc) = out["fused"], out["chunked"]
+    assert gxf.dtype == gwf.dtype == torch.float32  # gradients in the weights' dtype
+    assert abs(float(lf) - float(lc)) < 2e-3 and abs(float(lf) - float(exact)) < 2e-3
+    assert _rel(gxf, gxc) < 2e-2 and _rel(gwf, gwc) < 2e-2
+    assert _rel(gxf, x.grad) < 2e-2 and _rel(gwf, w.grad) < 2e-2

@@ -12,7 +12,8 @@ from neuromanifold_gpt import build_model, levers
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.optim import make_optimizer
-from neuromanifold_gpt.predictor import GIB, predict, recommended_batch_size
+from neuromanifold_gpt.planner import Planner
+from neuromanifold_gpt.predictor import GIB, predict
 from neuromanifold_gpt.trainer import Trainer
 
 VOCAB = 200
@@ -90,13 +91,12 @@ def test_levers_lower_the_prediction_where_they_act():
     assert offload < block
 
 
-def test_recommended_batch_size_is_the_largest_that_fits():
-    cfg = TrainConfig(preset="gpt2", block_size=1024)
-    args = (cfg, 50257, "cuda", torch.bfloat16, True)
-    b = recommended_batch_size(*args, free_gb=40.0)
-    assert predict(*args, batch_size=b).peak_gb <= 0.9 * 40.0
-    assert predict(*args, batch_size=b + 1).peak_gb > 0.9 * 40.0
-    assert recommended_batch_size(*args, free_gb=0.5) == 0  # not even one sequence
+def test_largest_batch_is_the_largest_that_fits():
+    cfg = TrainConfig.from_flags(preset="gpt2", block_size=1024, compile=True, lean_loss=False)
+    planner = Planner(50257, "cuda", torch.bfloat16)
+    b = planner.largest_batch(cfg, 36.0)
+    assert planner.predict(cfg, b).peak_gb <= 36.0 < planner.predict(cfg, b + 1).peak_gb
+    assert planner.largest_batch(cfg, 0.5) == 0  # not even one sequence
 
 
 @pytest.fixture
@@ -143,15 +143,20 @@ def test_cuda_out_of_memory_ends_with_one_line_exit_3_and_metrics(data_dir, tmp_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("overrides", [dict(), dict(gradient_checkpointing=True, lean_loss=True)])
-def test_prediction_within_10_percent_of_cuda_peak(data_dir, tmp_path, overrides):
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("overrides", [dict(lean_loss=False),
+                                       dict(gradient_checkpointing=True, lean_loss=True),
+                                       dict(gradient_checkpointing=True, checkpoint_policy="mlp")])
+def test_prediction_within_10_percent_of_cuda_peak(tmp_path, overrides, compile):
     from neuromanifold_gpt.trainer import train as run
 
-    cfg = TrainConfig.from_flags(dataset="tiny", data_dir=data_dir, preset="gpt2", n_layer=4,
-                                 batch_size=8, block_size=512, max_iters=3, eval_iters=1,
-                                 compile=False, **overrides)
+    ids = np.random.default_rng(0).integers(0, 50257, 100_000)
+    write_dataset(tmp_path / "gpt2ids", ids, dict(vocab_size=50257))
+    cfg = TrainConfig.from_flags(dataset="gpt2ids", data_dir=str(tmp_path), preset="gpt2",
+                                 n_layer=4, batch_size=8, block_size=512, max_iters=3,
+                                 eval_iters=1, compile=compile, **overrides)
     m = run(cfg, quiet=True)
-    assert abs(m["predicted/measured"] - 1) < 0.10
+    assert abs(m["predicted/measured"] - 1) < 0.10, m["predicted/measured"]
 
 
 def test_bench_quick_writes_json_table_and_plot(tmp_path):
@@ -171,3 +176,16 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     assert bench.main(["--report", str(tmp_path / "bench.json"), "--out_dir",
                        str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plans", "batch,sizes"], "error: --plans 'batch,sizes': name the tables batch and/or budget"),
+    (["--plans", "budget", "--budgets", "3,lots"],
+     "error: --budgets '3,lots': expected GiB as numbers, comma-separated"),
+])
+def test_bench_plans_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    import bench
+
+    assert bench.main([*argv, "--out_dir", str(tmp_path / "plans")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert not (tmp_path / "plans").exists()  # nothing started

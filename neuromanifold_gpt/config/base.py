@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 # One source of truth for model sizes. batch_size/block_size are the per-device defaults
 # a run uses when it does not set them: (CUDA, CPU).
@@ -52,7 +52,8 @@ class ActivationCheckpoint:
 class MemoryLevers:
     """Memory savers beyond checkpointing (neuromanifold_gpt/loss.py and levers.py)."""
 
-    lean_loss: bool = False  # chunked head + cross-entropy: the (B, T, V) logits never exist
+    lean_loss: bool | None = None  # head + cross-entropy without the (B, T, V) logits (None = on
+    # for CUDA runs with a large vocabulary, see neuromanifold_gpt/planner.py)
     offload_activations: bool = False  # keep saved activations (checkpointed: block inputs) in host RAM
     optimizer_in_backward: bool = False  # step each weight once its grad is ready, then free it
     activation_memory_budget: float = 1.0  # compile's saved-activation budget (<1 recomputes more)
@@ -119,7 +120,10 @@ class TrainConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     memory_levers: MemoryLevers = field(default_factory=MemoryLevers)  # beyond checkpointing
     # batch
-    batch_size: int | None = None  # sequences per micro-step (None = the preset's for the device)
+    batch_size: int | str | None = None  # sequences per micro-step (None = the preset's for the
+    # device, auto = the largest predicted to fit, as the startup report recommends)
+    memory_budget_gb: float | None = None  # pick the fastest plan (policy, lean loss, levers)
+    # predicted to fit in this many GiB; it replaces the checkpointing and lever settings
     block_size: int | None = None  # tokens per sequence (None = the preset's for the device)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     # optimizer and schedule
@@ -142,7 +146,8 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool | None = None  # torch.compile each block (None = on CUDA, not on CPU)
+    compile: bool | None = None  # torch.compile the model, loss included (None = on CUDA for
+    # models large enough for it to pay, see neuromanifold_gpt/planner.py)
     seed: int = 1337  # seeds weights, dropout and the data order
     # distributed (only under torchrun)
     fsdp: bool = False  # shard params, grads and optimizer state with FSDP2 instead of DDP
@@ -155,10 +160,17 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        for name in ("n_layer", "n_head", "n_embd", "batch_size", "block_size",
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise ValueError(f"batch_size={self.batch_size!r} is not valid: expected an integer or auto")
+        if self.batch_size == "auto" and self.memory_budget_gb is not None:
+            raise ValueError("batch_size=auto and memory_budget_gb both size the run; set one of them")
+        _check_positive("memory_budget_gb", self.memory_budget_gb)
+        for name in ("n_layer", "n_head", "n_embd", "block_size",
                      "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
                      "log_interval", "lr_decay_iters", "dist_timeout"):
             _check_positive(name, getattr(self, name))
+        if self.batch_size != "auto":
+            _check_positive("batch_size", self.batch_size)
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0")
         levers = self.memory_levers
@@ -205,7 +217,8 @@ class TrainConfig:
             vocab_size=vocab_size,
             gradient_checkpointing=self.gradient_checkpointing,
             activation_checkpoint=self.activation_checkpoint,
-            memory_levers=self.memory_levers,
+            # None (auto) is resolved by the planner before a run; the model reads a bool
+            memory_levers=replace(self.memory_levers, lean_loss=bool(self.memory_levers.lean_loss)),
             **preset,
         )
 

@@ -27,15 +27,16 @@ def _flags() -> dict:
     return flags
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """flat key -> (base type, accepts None)."""
+def _field_types() -> dict[str, tuple[type, bool, bool]]:
+    """flat key -> (base type, accepts None, accepts auto: a number field that also takes a str)."""
     out = {}
     for name, hint in _flags().items():
         args = typing.get_args(hint)
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            out[name] = (next(a for a in args if a is not type(None)), True)
+            base = next(a for a in args if a is not type(None))
+            out[name] = (base, type(None) in args, base is not str and str in args)
         else:
-            out[name] = (hint, False)
+            out[name] = (hint, False, False)
     return out
 
 
@@ -52,9 +53,11 @@ def coerce(key: str, value, where: str):
     types_ = _field_types()
     if key not in types_:
         raise _unknown(key, where)
-    typ, nullable = types_[key]
+    typ, nullable, auto = types_[key]
     if nullable and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None
+    if auto and isinstance(value, str) and value.lower() == "auto":
+        return "auto"
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -79,7 +82,7 @@ def coerce(key: str, value, where: str):
     elif typ is str and isinstance(value, str):
         return value
     expected = {bool: "true/false (also 1/0, yes/no)", int: "an integer", float: "a number",
-                str: "a string"}[typ]
+                str: "a string"}[typ] + (" or auto" if auto else "")
     raise ValueError(f"{key}={value!r} {where} is not valid: expected {expected}")
 
 

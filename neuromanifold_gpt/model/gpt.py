@@ -26,7 +26,7 @@ class NeuroManifoldGPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        # head + loss chunk by chunk (no parameters of its own; see neuromanifold_gpt/loss.py)
+        # head + loss without the logits (no parameters of its own; see neuromanifold_gpt/loss.py)
         self.lean_loss = LinearCrossEntropyLoss() if config.memory_levers.lean_loss else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
@@ -48,6 +48,9 @@ class NeuroManifoldGPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None):
+        """(logits of the last position, None) without targets; (None, loss) with them: the
+        (B, T, V) logits are never returned, since a caller holding them would double the
+        loss's memory."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
@@ -55,11 +58,15 @@ class NeuroManifoldGPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the last position
-        if self.lean_loss is not None:  # the (B, T, V) logits are never held, so none returned
-            return None, self.lean_loss(x, self.lm_head.weight, targets)
+            return self.lm_head(self.transformer.ln_f(x[:, [-1], :])), None  # (B, 1, V)
+        return None, self.loss(x, targets)
+
+    def loss(self, x, targets):
+        """The final LayerNorm, the head and the cross-entropy: one region, which compile
+        (distributed.parallelize) turns into kernels that never hold fp32 logits."""
+        x = self.transformer.ln_f(x)
+        if self.lean_loss is not None:
+            return self.lean_loss(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, loss
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))

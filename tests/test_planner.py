@@ -1,0 +1,198 @@
+"""The planner: settings left to the machine, the recommended batch and `--batch_size auto`,
+the lever named in the report, the advice after an out-of-memory, `--memory_budget_gb`, and
+the predictor's per-rank arithmetic under FSDP2 against the real shards."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from neuromanifold_gpt import build_model, planner
+from neuromanifold_gpt.config.base import TrainConfig
+from neuromanifold_gpt.config.cli import parse_args
+from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.planner import HEADROOM, PLANS, Planner, oom_advice, resolve_auto
+from neuromanifold_gpt.predictor import GIB
+
+GPT2_VOCAB = 50257
+H200 = Planner(GPT2_VOCAB, "cuda", torch.bfloat16)
+
+
+def gpt2(**kw) -> TrainConfig:
+    return TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True, **kw)
+
+
+def test_left_to_the_machine_compile_and_lean_loss_follow_device_and_size():
+    def auto(preset, device, vocab, **kw):
+        cfg = resolve_auto(TrainConfig.from_flags(preset=preset, **kw), vocab, device)
+        return cfg.compile, cfg.memory_levers.lean_loss
+
+    assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, True)
+    assert auto("shakespeare_char", "cuda", 65) == (False, False)  # eager was as fast, no logits to spare
+    assert auto("gpt2", "cpu", GPT2_VOCAB) == (False, False)
+    assert auto("gpt2", "cuda", GPT2_VOCAB, compile=False, lean_loss=False) == (False, False)
+
+
+def test_batch_size_auto_is_read_from_the_command_line_and_config_files(tmp_path, capsys):
+    assert parse_args(["--batch_size", "auto"]).batch_size == "auto"
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text('batch_size = "auto"\n')
+    assert parse_args(["--config", str(cfg_file)]).batch_size == "auto"
+    assert train.main(["--batch_size", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: batch_size='many' on the command line is not valid: expected an integer or auto"]
+    assert train.main(["--batch_size", "auto", "--memory_budget_gb", "4"]) == 2
+    assert "set one of them" in capsys.readouterr().err
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 65, 20_000)
+    write_dataset(tmp_path / "data" / "tiny", ids, dict(vocab_size=65))
+    return str(tmp_path / "data")
+
+
+def _args(data_dir, tmp_path, *extra):
+    return ["--dataset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"),
+            "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
+            "--max_iters", "2", "--eval_iters", "1", "--metrics_file", str(tmp_path / "m.json"), *extra]
+
+
+def test_batch_size_auto_trains_at_the_recommended_batch(data_dir, tmp_path, capsys, monkeypatch):
+    free = 0.004  # GiB: a device this small makes the recommended batch a few sequences
+    monkeypatch.setattr("neuromanifold_gpt.trainer.device_memory_gb", lambda device: (free, 1.0))
+    assert train.main(_args(data_dir, tmp_path, "--batch_size", "auto")) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    b = m["recommended_batch_size"]
+    assert m["batch_size"] == b > 1
+    cfg = parse_args(_args(data_dir, tmp_path))
+    p = Planner(65, "cpu", torch.float32)
+    assert p.predict(cfg, b).peak_gb <= HEADROOM * free < p.predict(cfg, b + 1).peak_gb
+    out = capsys.readouterr().out
+    assert f"batch size: auto, so the recommended {b}" in out
+    assert f"tokens per iteration will be: {b * 16:,} (1 x {b} x 16)" in out
+
+
+@pytest.mark.parametrize("compile, winner", [(True, "--gradient_checkpointing true"),
+                                             (False, "--lean_loss true")])  # eager: 12 bytes per logit
+def test_report_names_the_lever_that_buys_the_most(compile, winner):
+    cfg = planner._with(gpt2(lean_loss=False), compile=compile)
+    setup = H200.setup(cfg, free_gb=139.3, device_gb=139.8)
+    limit = HEADROOM * 139.3
+    lean = H200.largest_batch(planner._with(cfg, lean_loss=True), limit)
+    block = H200.largest_batch(planner._with(cfg, **planner.BLOCK), limit)
+    flag, best = ("--lean_loss true", lean) if lean >= block else ("--gradient_checkpointing true", block)
+    assert flag == winner and best > setup.recommended == H200.largest_batch(cfg, limit)
+    assert setup.lines[-1] == (f"recommended batch size: {setup.recommended} (with {flag}: {best}) "
+                               f"for 139.3 GiB free of 139.8 GiB (cuda)")
+    # with every lever already on, none is named
+    lean_block = H200.setup(gpt2(lean_loss=True, **planner.BLOCK), 139.3, 139.8)
+    assert lean_block.lever is None and "(with" not in lean_block.lines[-1]
+
+
+def test_out_of_memory_advice_is_the_largest_batch_predicted_to_fit():
+    setup = H200.setup(gpt2(lean_loss=False), free_gb=80.0, device_gb=80.0)
+    rec = setup.recommended
+    b, text = oom_advice(setup, rec + 50)
+    assert b == min(rec, math.floor(HEADROOM * (rec + 50))) and text.startswith(f"--batch_size {b} (or ")
+    # the prediction said it fits, yet it ran out: a margin below what failed, not one less
+    assert oom_advice(setup, rec)[0] == math.floor(HEADROOM * rec) < rec - 1
+    tiny = H200.setup(gpt2(lean_loss=False), free_gb=0.5, device_gb=0.5)
+    assert oom_advice(tiny, 12) == (0, "batch_size 1 does not fit either; use a smaller model or "
+                                        "block_size")
+
+
+COSTS = {"hardware": "test", "step_ratio": {"none": 1.0, "selective": 1.1, "none +lean": 1.2,
+                                            "mlp +lean": 1.3, "block +lean": 1.6}}
+
+
+@pytest.mark.parametrize("budget", [20.0, 6.0, 5.3, 3.0])
+def test_budget_picks_the_fastest_plan_predicted_to_fit(budget, monkeypatch):
+    monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
+    label, plan, lines = H200.fastest_plan(gpt2(), budget)
+    peaks = {lbl: H200.predict(planner._with(gpt2(), **{**planner.PLAN_DEFAULTS, **kw})).peak_gb
+             for lbl, kw in PLANS if lbl in COSTS["step_ratio"]}
+    fits = [lbl for lbl in peaks if peaks[lbl] <= planner.BUDGET_MARGIN * budget]
+    assert label == min(fits, key=lambda lbl: COSTS["step_ratio"][lbl])
+    assert peaks[label] <= planner.BUDGET_MARGIN * budget
+    # the plan is applied whole: its policy, its loss, nothing of the run's own levers left
+    assert dict(PLANS)[label].items() <= plan.to_dict().items()
+    assert lines == [f"memory plan for {budget:g} GiB: {label} (predicted peak {peaks[label]:.2f} GiB, "
+                     f"step {COSTS['step_ratio'][label]:.2f}x the fastest plan's as measured on test)"]
+
+
+def test_budget_leaves_a_margin_for_the_predictor(monkeypatch):
+    monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
+    none = H200.predict(planner._with(gpt2(), **dict(PLANS)["none"])).peak_gb
+    assert H200.fastest_plan(gpt2(), none / planner.BUDGET_MARGIN)[0] == "none"
+    # predicted to fit, but closer to the budget than the predictor's error: a leaner plan
+    assert H200.fastest_plan(gpt2(), 1.02 * none)[0] != "none"
+
+
+def test_budget_that_nothing_fits_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
+    assert train.main(_args(data_dir, tmp_path, "--batch_size", "4", "--memory_budget_gb", "1e-5")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fits no plan at batch_size 4: the leanest, " in err[0]
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_budget_plan_is_reported_and_trained(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("neuromanifold_gpt.trainer.device_memory_gb", lambda device: (2.0, 4.0))
+    assert train.main(_args(data_dir, tmp_path, "--batch_size", "4", "--memory_budget_gb", "20")) == 0
+    out = capsys.readouterr().out
+    assert "memory budget 20 GiB is more than the device can give (1.9 GiB); planning for 1.9 GiB" in out
+    assert "memory plan for 1.9 GiB: none (predicted peak" in out  # everything fits: the fastest
+    assert json.loads((tmp_path / "m.json").read_text())["policy"] == "none"
+
+
+def test_cost_table_covers_only_known_plans_relative_to_the_fastest():
+    costs = planner.load_costs()
+    ratios = costs["step_ratio"]
+    assert set(ratios) <= set(dict(PLANS)) and min(ratios.values()) == 1.0
+    assert "H200" in costs["hardware"]
+
+
+def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    planner.use_expandable_segments()
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    planner.use_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fsdp_prediction_matches_the_real_shards(world):
+    """fully_shard on a fake process group of `world` ranks: rank 0's local shards are what the
+    predictor counts, 16/world bytes per parameter, plus the unsharded root and two blocks."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from neuromanifold_gpt.distributed import DistInfo, parallelize
+
+    cfg = TrainConfig.from_flags(preset="gpt2", n_layer=3, n_embd=36, n_head=2, batch_size=2,
+                                 block_size=16, fsdp=True, lean_loss=False)
+    mc = cfg.model_config(200, 16)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        model = build_model(mc)
+        full = {name: p.numel() for name, p in model.named_parameters()}
+        parallelize(model, DistInfo(0, 0, world, "fsdp"), torch.device("cpu"), compile=False)
+        local = sum(p.to_local().numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+    p = Planner(200, "cpu", torch.float32, world_size=world).predict(cfg)
+    one = Planner(200, "cpu", torch.float32).predict(cfg)
+    assert local < sum(full.values()) / world + 3 * len(full)  # about 1/world, rows rounded up
+    assert p.phases["optimizer step"] * GIB == 16 * local  # weights, gradients, AdamW: shards
+    block = sum(v for k, v in full.items() if k.startswith("transformer.h.0."))
+    root = sum(full.values()) - mc.n_layer * block
+    assert p.phase != "optimizer step" and p.breakdown["optimizer"] * GIB == 8 * local
+    assert p.breakdown["params"] * GIB == 4 * (local + root + 2 * block)  # shards + unsharded in flight
+    assert one.phases["optimizer step"] * GIB == 16 * sum(full.values())  # one rank holds all
