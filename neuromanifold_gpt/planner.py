@@ -22,11 +22,14 @@ from .config.base import TrainConfig
 from .loss import uses_fused_kernel
 from .predictor import MemoryPrediction, predict
 
-# The predicted peak may use this share of the memory free at start. With expandable
-# segments the allocator reserved at most 1.01x what it allocated at 12 x 1024 and at the
-# recommended batches, and CUDA kernels loaded after the start took about 1 GiB more (bench
-# and train.py on the H200, README "Batch size").
-HEADROOM = 0.95
+# The share of the memory free at start that the predicted peak may use, per device type.
+# CUDA: with expandable segments the allocator reserved at most 1.01x what it allocated at
+# 12 x 1024 and at the recommended batches, and CUDA kernels loaded after the start took about
+# 1 GiB more (bench and train.py on the H200). CPU: the predictor counts tensors, while the
+# process's resident peak also holds the interpreter, libraries and the allocator's slack:
+# shakespeare_char on 2 cores peaked at 2.74 GiB for 1.36 predicted (64 x 128) and 7.62 for
+# 5.07 (256 x 128), so half the free memory.
+HEADROOM = {"cuda": 0.95, "cpu": 0.5}
 # A memory budget bounds the measured peak; the prediction stayed within 5% of it on every
 # bench row, so a plan fits when its prediction is within this share of the budget.
 BUDGET_MARGIN = 0.95
@@ -111,7 +114,7 @@ class Setup:
     prediction: MemoryPrediction  # of cfg
     free_gb: float  # free on the device at start (the least over ranks)
     device_gb: float
-    recommended: int  # the largest batch predicted to fit in HEADROOM x free_gb
+    recommended: int  # the largest batch predicted to fit in HEADROOM[device] x free_gb
     lever: tuple[str, int] | None  # the one change that raises it most, and to what
     lines: list[str]  # the startup report's memory lines
 
@@ -190,7 +193,7 @@ class Planner:
         """Fill in what cfg leaves to the machine; the report says what was chosen."""
         lines = []
         resolved = resolve_auto(cfg, self.vocab_size, self.device_type)
-        limit = HEADROOM * free_gb
+        limit = HEADROOM[self.device_type] * free_gb
         if cfg.memory_budget_gb is not None:
             if cfg.memory_budget_gb > limit:
                 lines.append(f"memory budget {cfg.memory_budget_gb:g} GiB is more than the device "
@@ -238,7 +241,7 @@ def _levers_line(asked: TrainConfig, cfg: TrainConfig, device_type: str, dtype: 
 def oom_advice(setup: Setup, batch_size: int) -> tuple[int, str]:
     """After an out-of-memory at batch_size: the largest batch predicted to fit (below
     batch_size: the prediction itself may have missed), and what to run."""
-    b = min(setup.recommended, math.floor(HEADROOM * batch_size))
+    b = min(setup.recommended, math.floor(HEADROOM["cuda"] * batch_size))  # OOM: CUDA only
     lever = f" (or {setup.lever[0]}: {setup.lever[1]})" if setup.lever else ""
     if b:
         return b, f"--batch_size {b}{lever}"
