@@ -14,11 +14,8 @@ import sys
 
 from neuromanifold_gpt.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OOM, entry_point
 from neuromanifold_gpt.launch import plan_run, run_training
-from neuromanifold_gpt.params import RUNS, load_params
+from neuromanifold_gpt.params import PER_RUN_FLAGS, RUNS, load_params
 from neuromanifold_gpt.verify import report, verify_pairs
-
-# Set per run by this script; an override would break the pairing.
-RESERVED = ("gradient_checkpointing", "metrics_file", "memory_trace_file")
 
 
 @entry_point
@@ -28,7 +25,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="out/verify", help="folder for the runs' files")
     args, overrides = parser.parse_known_args(argv)
-    reserved = [a for a in overrides if a.lstrip("-").partition("=")[0] in RESERVED]
+    reserved = [a for a in overrides if a.lstrip("-").partition("=")[0] in PER_RUN_FLAGS]  # set per run
     if reserved:
         raise ValueError(f"{reserved[0]} is set by this script for each run; drop it")
     params = load_params("train", "sizes", "checkpointing", "verify", path=args.params)

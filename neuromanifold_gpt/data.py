@@ -1,14 +1,16 @@
 """Datasets: the tiny shakespeare corpus, prepared as nanoGPT prepares it (train.bin and
 val.bin of uint16 token ids, the text split 90/10, plus meta.pkl), and a memmap batch loader.
 
-    python3 -m neuromanifold_gpt.data shakespeare_char --source ../shared/data/tinyshakespeare/input.txt
-    python3 -m neuromanifold_gpt.data shakespeare --source ../shared/data/tinyshakespeare/input.txt
+    python3 -m neuromanifold_gpt.data shakespeare_char
+    NEUROMANIFOLD_CORPUS=/path/to/input.txt python3 -m neuromanifold_gpt.data shakespeare  # offline
 
 `shakespeare_char` has one token per character (vocab 65); `shakespeare` the GPT-2 BPE
 (tiktoken `gpt2`, vocab 50,257), loaded offline from verified files (see tokenizer.py).
 
-The raw corpus is verified by sha256 and kept in a cache (NEUROMANIFOLD_CACHE, default
-~/.cache/neuromanifold_gpt), so a later prepare finds it offline."""
+The raw corpus comes from a URL, or offline from the local file that the environment
+variable NEUROMANIFOLD_CORPUS names (so it reaches `dvc repro` too). It is verified by sha256
+and kept in a cache (NEUROMANIFOLD_CACHE, default ~/.cache/neuromanifold_gpt), so a later
+prepare finds it offline."""
 
 from __future__ import annotations
 
@@ -29,19 +31,23 @@ from .files import atomic_path, cache_dir, sha256_of
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CORPUS_ENV = "NEUROMANIFOLD_CORPUS"  # a local input.txt, used instead of a URL source
 
 
 def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
-    """The corpus text from a local path or URL (via the cache), checked against sha256."""
+    """The corpus text from a local path, or for a URL from $NEUROMANIFOLD_CORPUS when set,
+    else the cache, else a download; checked against sha256."""
     cached = cache_dir() / f"tinyshakespeare-{sha256[:12]}.txt"
-    if source and not source.startswith(("http://", "https://")):
-        path = Path(source)
+    is_url = source.startswith(("http://", "https://"))
+    local, named = (os.environ.get(CORPUS_ENV), f"{CORPUS_ENV}=") if is_url else (source, "")
+    if local:
+        path = Path(local)
         if not path.is_file():
-            raise ValueError(f"corpus {source} not found; give the path of tiny shakespeare's "
-                             f"input.txt or its URL {CORPUS_URL}")
+            raise ValueError(f"corpus {named}{local} not found; give the path of tiny "
+                             f"shakespeare's input.txt")
         if sha256_of(path) != sha256:
-            raise ValueError(f"corpus {source} has the wrong sha256 (expected {sha256}); it is "
-                             f"not tiny shakespeare's input.txt or it is damaged")
+            raise ValueError(f"corpus {named}{local} has the wrong sha256 (expected {sha256}); it "
+                             f"is not tiny shakespeare's input.txt or it is damaged")
         with atomic_path(cached) as tmp:
             shutil.copyfile(path, tmp)
     elif not (cached.is_file() and sha256_of(cached) == sha256):
@@ -50,8 +56,9 @@ def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
                 with urllib.request.urlopen(source, timeout=30) as r, open(tmp, "wb") as f:
                     shutil.copyfileobj(r, f)
             except OSError as e:
-                raise ValueError(f"could not download {source} ({e}); offline, pass --source "
-                                 f"/path/to/input.txt or copy the file to {cached}") from None
+                raise ValueError(f"could not download {source} ({e}); offline, set "
+                                 f"{CORPUS_ENV}=/path/to/input.txt (a local copy; sha256 "
+                                 f"{sha256[:12]}...) and run again") from None
             if sha256_of(tmp) != sha256:
                 raise ValueError(f"download of {source} has the wrong sha256 (expected {sha256})")
     return cached.read_text(encoding="utf-8")

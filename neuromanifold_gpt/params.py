@@ -1,22 +1,31 @@
-"""params.yaml, read: its sections, the device the runs land on, and train.py's arguments
-for the baseline and the checkpointed run of each model size (launch.py starts them).
+"""params.yaml, read and validated: its sections, the device the runs land on, train.py's
+arguments for the baseline and the checkpointed run of each model size (launch.py starts
+them) and the verify criteria.
 
 A params.yaml value written {cpu: A, cuda: B} means A on CPU and B on CUDA, for the device
 the runs land on; a `verify` value may further be {SIZE: value, ...} per model size."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
 from .config.base import ActivationCheckpoint
+from .config.cli import coerce, parse_args
 
 DEVICES = ("cpu", "cuda")
 RUNS = ("baseline", "checkpointed")
+SECTIONS = ("data", "train", "sizes", "checkpointing", "verify")
+DATA_KEYS = ("url", "sha256")
+VERIFY_KEYS = ("threshold_pct", "expected_range_pct", "loss_tolerance")
 # what params.yaml's `checkpointing:` (the checkpointed run only) may set
 CHECKPOINTING_KEYS = ("gradient_checkpointing", *(f.name for f in fields(ActivationCheckpoint)))
+# train.py flags set per run by the pipeline (and verify_gradient_checkpointing.py)
+PER_RUN_FLAGS = ("gradient_checkpointing", "metrics_file", "memory_trace_file", "memory_timeline_file")
 
 
 def load_params(*sections: str, path: str | Path = "params.yaml") -> dict:
@@ -59,10 +68,11 @@ def run_device_type(params: dict) -> str:
 
 
 def run_files(size: str, run: str, root: str | Path = ".") -> dict[str, Path]:
-    """Where one run's metrics (JSON), memory per step (TSV) and log go."""
+    """Where one run's metrics (JSON), memory per step and within one step (TSV) and log go."""
     root = Path(root)
     return {"metrics": root / "metrics" / "train" / size / f"{run}.json",
             "trace": root / "plots" / "train" / size / f"{run}.tsv",
+            "timeline": root / "plots" / "step" / size / f"{run}.tsv",
             "log": root / "logs" / size / f"{run}.log"}
 
 
@@ -90,7 +100,8 @@ def training_args(params: dict, size: str, run: str, device_type: str,
                          f"move {', '.join(other)} to train: (both runs)")
     for section in (params["train"], settings, checkpointing):
         args += [_arg(k, pick(v, device_type)) for k, v in section.items() if k != "nproc"]
-    return args + [_arg("metrics_file", files["metrics"]), _arg("memory_trace_file", files["trace"])]
+    return args + [_arg("metrics_file", files["metrics"]), _arg("memory_trace_file", files["trace"]),
+                   _arg("memory_timeline_file", files["timeline"])]
 
 
 def processes(params: dict, device_type: str) -> int:
@@ -99,3 +110,104 @@ def processes(params: dict, device_type: str) -> int:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"params.yaml train.nproc={nproc!r} must be a whole number >= 1")
     return nproc
+
+
+def verify_criteria(params: dict, device_type: str, size: str) -> dict:
+    """params.yaml's verify values for one size on one device, checked: threshold_pct,
+    expected_range_pct (low, high) and loss_tolerance."""
+    v = params["verify"]
+    try:
+        threshold = _number(pick(v["threshold_pct"], device_type, size))
+        low, high = (_number(x) for x in pick(v["expected_range_pct"], device_type, size))
+        tolerance = _number(pick(v["loss_tolerance"], device_type, size))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"params.yaml verify section is incomplete or malformed for {size} on "
+                         f"{device_type} ({e}); it needs threshold_pct, expected_range_pct: "
+                         f"[low, high], loss_tolerance, each a number") from None
+    if low > high or tolerance < 0:
+        raise ValueError(f"params.yaml verify for {size} on {device_type}: expected_range_pct "
+                         f"[{low:g}, {high:g}] must be [low, high] and loss_tolerance {tolerance:g} >= 0")
+    return {"threshold_pct": threshold, "expected_range_pct": (low, high), "loss_tolerance": tolerance}
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
+
+
+def _only(section: dict, allowed, where: str, fix: str) -> None:
+    unknown = [k for k in section if k not in allowed]
+    if unknown:
+        raise ValueError(f"params.yaml {where} has unknown key {unknown[0]!r} (allowed: "
+                         f"{', '.join(allowed)}); {fix}")
+
+
+def _device_forms(section: dict, where: str) -> None:
+    """A dict value must be {cpu: A, cuda: B}: one file serves both kinds of machine."""
+    for key, value in section.items():
+        if isinstance(value, dict) and set(value) != set(DEVICES):
+            raise ValueError(f"params.yaml {where}.{key} is {value}; write a plain value or "
+                             f"{{cpu: A, cuda: B}} with both devices")
+
+
+def validate(params: dict) -> None:
+    """Every params.yaml value the stages read, checked for both devices before any stage
+    runs, so a mistake fails with one line instead of after DVC has removed outputs."""
+    if not isinstance(params, dict):
+        raise ValueError("params.yaml is not a mapping of sections; restore it from git")
+    _only(params, SECTIONS, "(top level)", "remove it or restore params.yaml from git")
+    for section in SECTIONS:
+        if not isinstance(params.get(section), dict) or not params[section]:
+            raise ValueError(f"params.yaml has no `{section}:` section; restore it from git")
+    data = params["data"]
+    _only(data, DATA_KEYS, "data", "to prepare from a local copy of the corpus, set "
+          "NEUROMANIFOLD_CORPUS=/path/to/input.txt instead")
+    if not str(data.get("url", "")).startswith(("http://", "https://")):
+        raise ValueError(f"params.yaml data.url={data.get('url')!r} must be an http(s) URL; "
+                         f"restore it from git")
+    if not re.fullmatch(r"[0-9a-f]{64}", str(data.get("sha256", ""))):
+        raise ValueError(f"params.yaml data.sha256={data.get('sha256')!r} must be 64 hex digits; "
+                         f"restore it from git")
+    _only(params["verify"], VERIFY_KEYS, "verify", "remove it")
+    sections = {"train": params["train"], "checkpointing": params["checkpointing"]}
+    for size, settings in params["sizes"].items():
+        if not isinstance(settings, dict):
+            raise ValueError(f"params.yaml sizes.{size} must be a mapping with at least `config:`")
+        sections[f"sizes.{size}"] = settings
+    for where, section in sections.items():
+        _device_forms(section, where)
+        reserved = [k for k in section if k in PER_RUN_FLAGS[1:] or (k == "config" and where == "train")
+                    or (k == "gradient_checkpointing" and where != "checkpointing")]
+        if reserved:
+            raise ValueError(f"params.yaml {where}.{reserved[0]} is set by the pipeline for each "
+                             f"run; remove it")
+    if params["checkpointing"].get("gradient_checkpointing") is not True:
+        raise ValueError("params.yaml checkpointing.gradient_checkpointing must be true: it is "
+                         "the checkpointed run's switch")
+    for device_type in DEVICES:
+        processes(params, device_type)
+        for where, section in sections.items():
+            for key, value in section.items():
+                if key not in ("config", "nproc"):
+                    coerce(key, pick(value, device_type), f"in params.yaml {where}")
+        for size in params["sizes"]:
+            for run in RUNS:
+                args = training_args(params, size, run, device_type, run_files(size, run))
+                try:
+                    parse_args(args)
+                except ValueError as e:
+                    raise ValueError(f"params.yaml sizes.{size}, {run} run on {device_type}: {e}") from None
+            verify_criteria(params, device_type, size)
+        for key in VERIFY_KEYS:
+            _check_size_keys(params["verify"][key], params["sizes"], f"verify.{key}")
+
+
+def _check_size_keys(value, sizes: dict, where: str) -> None:
+    """A per-size verify value names only sizes that exist (a typo would be silently unused)."""
+    for v in (value.values() if isinstance(value, dict) and set(value) <= set(DEVICES) else [value]):
+        if isinstance(v, dict):
+            unknown = [k for k in v if k not in sizes]
+            if unknown:
+                raise ValueError(f"params.yaml {where} names size {unknown[0]!r}, which is not in "
+                                 f"sizes ({', '.join(sizes)}); fix the name or remove it")

@@ -1,6 +1,6 @@
 """Static PNG plots of the memory figures, for readers without DVC's HTML plots (whose page
-loads vega from a CDN): the pipeline's peak memory per step and peak memory against step
-time, and bench.py's peak memory against step time per configuration.
+loads vega from a CDN): the pipeline's peak memory per step, memory within one step, peak
+memory against step time, and bench.py's peak memory against step time per configuration.
 
 matplotlib's object API renders through Agg here, so no display and no global backend."""
 
@@ -18,11 +18,21 @@ from .files import atomic_path
 COLORS = {"baseline": "tab:red", "checkpointed": "tab:blue"}
 
 
-def read_trace(path: str | Path) -> dict[str, list[float]]:
-    """A memory-per-step TSV (train.py --memory_trace_file) as columns."""
+def read_trace(path: str | Path) -> dict[str, list]:
+    """A TSV of train.py's (--memory_trace_file or --memory_timeline_file) as columns; a column
+    of numbers as floats."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return {k: [float(r[k]) for r in rows] for k in ("step", "peak_memory_gb")}
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = list(reader)
+        names = reader.fieldnames or []
+    return {k: _floats([r[k] for r in rows]) for k in names}
+
+
+def _floats(values: list[str]) -> list:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return values
 
 
 def save_figure(fig: Figure, path: str | Path) -> None:
@@ -52,18 +62,42 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -
     save_figure(fig, path)
 
 
+def plot_step_timeline(timelines: dict[str, dict[str, dict]], path: str | Path) -> None:
+    """timelines[size][run] = read_trace(timeline TSV): memory allocated since the
+    step began against time, through forward, backward and the optimizer step; one panel
+    per size, a line per run, a dotted line where its backward begins."""
+    fig, axes = _grid(max(len(timelines), 1),
+                      "Memory within one training step (allocated since the step began)")
+    if not timelines:
+        axes[0].text(0.5, 0.5, "no size has both runs recorded", ha="center")
+    for ax, (size, runs) in zip(axes, timelines.items(), strict=True):
+        for run, tl in runs.items():
+            ax.plot(tl["time_ms"], tl["allocated_gb"], label=run, color=COLORS.get(run), lw=1.2)
+            backward = next((t for t, p in zip(tl["time_ms"], tl["phase"], strict=True)
+                             if p == "backward"), None)
+            if backward is not None:
+                ax.axvline(backward, color=COLORS.get(run), ls=":", lw=1)
+        ax.set(title=size, xlabel="time in the step (ms)", ylabel="allocated (GiB)")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.legend(title="dotted: backward begins", fontsize=8, title_fontsize=8, loc="upper right")
+    save_figure(fig, path)
+
+
 def plot_memory_vs_step_time(points: list[dict], path: str | Path) -> None:
     """points: {size, run, policy, step_time_ms, peak_memory_gb}; one panel per size."""
     sizes = list(dict.fromkeys(p["size"] for p in points))
     fig, axes = _grid(len(sizes), "Peak memory against step time")
     for ax, size in zip(axes, sizes, strict=True):
-        for p in (p for p in points if p["size"] == size):
+        mine = [p for p in points if p["size"] == size]
+        for p in mine:
             ax.scatter(p["step_time_ms"], p["peak_memory_gb"], color=COLORS.get(p["run"]),
                        label=f"{p['run']} ({p['policy']})", s=40)
+        # from zero with headroom: points off the edges, the legend in the empty lower left
+        ax.set_xlim(0, 1.2 * max(p["step_time_ms"] for p in mine))
+        ax.set_ylim(0, 1.2 * max(p["peak_memory_gb"] for p in mine))
         ax.set(title=size, xlabel="median step time (ms)", ylabel="peak memory (GiB)")
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(4))  # long step times: few labels, not run together
+        ax.legend(loc="lower left")
     save_figure(fig, path)
 
 

@@ -13,6 +13,7 @@ from . import distributed, planner
 from .config.base import TrainConfig
 from .device import device_name
 from .files import write_json, write_tsv
+from .provenance import run_provenance
 
 # Dense bf16 peak FLOP/s by device name, for MFU (the vendor's datasheet figures).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -94,6 +95,7 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         "device_name": device_name(t.device),
         "dtype": str(t.dtype).replace("torch.", ""),
         "torch_version": torch.__version__,
+        **run_provenance(t.device),  # commit, dirty flag, training-code hash, CUDA version
         "world_size": t.dist.world_size,
         "parallelism": t.dist.parallelism,
         "peak_memory_gb": max(p for p, _ in peaks) if measured else None,
@@ -129,7 +131,8 @@ def oom_record(trainer, error: Exception) -> tuple[dict, str]:
                "batch_size": t.batch_size, "block_size": t.block_size,
                "predicted_peak_gb": t.prediction.peak_gb,
                "device_memory_gb": t.device_gb, "recommended_batch_size": b,
-               "device_name": device_name(t.device), "torch_version": torch.__version__}
+               "device_name": device_name(t.device), "torch_version": torch.__version__,
+               **run_provenance(t.device)}
     message = (f"batch_size {t.batch_size} x {t.block_size} needs about "
                f"{t.prediction.peak_gb:.1f} GiB (predicted); the device has "
                f"{t.device_gb:.1f} GiB ({t.free_gb:.1f} GiB free at start); use {advice}")

@@ -21,6 +21,7 @@ from .memory import MemoryMonitorCallback
 from .optim import lr_at, make_optimizer
 from .predictor import device_memory_gb
 from .snapshot import load_snapshot, save_snapshot
+from .timeline import StepTimelineCallback, write_timeline
 
 
 class Trainer:
@@ -157,17 +158,24 @@ class Trainer:
                     getattr(cb, "on_log", lambda r: None)(record)
                 self.log(reporting.format_log_line(record))
             self.iter_num += 1
+        for cb in self.callbacks:  # after the measured steps and the last evaluation
+            getattr(cb, "on_train_end", lambda t: None)(self)
         return reporting.run_metrics(self, step_times, losses, evals, tokens_per_iter, peak_flops)
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) -> dict:
-    """Run training; write metrics_file and memory_trace_file when set. Returns the metrics."""
+    """Run training; write metrics_file, memory_trace_file and memory_timeline_file when set.
+    Returns the metrics."""
+    if cfg.memory_timeline_file:
+        callbacks = [*(callbacks or []), StepTimelineCallback(cfg.memory_timeline_file)]
     trainer = Trainer(cfg, callbacks, quiet)
     try:
         metrics = trainer.run()
     except torch.cuda.OutOfMemoryError as e:
         metrics, message = reporting.oom_record(trainer, e)
         reporting.write_run_files(cfg, metrics, [])  # no step finished: an empty trace, not a missing one
+        if cfg.memory_timeline_file:
+            write_timeline(cfg.memory_timeline_file, [])
         raise TrainingOOM(message) from None
     trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
     distributed.close()  # every rank is past its last collective

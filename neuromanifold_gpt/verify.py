@@ -15,16 +15,19 @@ from pathlib import Path
 from tabulate import tabulate
 
 from .files import read_json
-from .params import RUNS, pick, run_files
+from .params import RUNS, run_files, verify_criteria
 
 # Settings both runs of a pair must share, or their peaks are not comparable.
 # The memory levers are among them: a saving must be checkpointing's own.
 SAME_SETTINGS = ("preset", "params", "batch_size", "block_size", "gradient_accumulation_steps",
                  "iters", "device", "dtype", "world_size", "compile", "lean_loss",
                  "offload_activations", "optimizer_in_backward", "activation_memory_budget")
-RUN_KEYS = SAME_SETTINGS + ("gradient_checkpointing", "policy", "device_name", "torch_version",
-                            "peak_memory_gb", "peak_memory_source", "step_time_ms",
-                            "final_train_loss", "final_val_loss", "last_step_loss")
+# Where a run's figures come from: runs that differ here were measured by other training code,
+# hardware or torch, and are not a pair (a params-only change keeps all three).
+PROVENANCE = {"code_hash": "training code", "device_name": "hardware", "torch_version": "torch"}
+RUN_KEYS = SAME_SETTINGS + ("gradient_checkpointing", "policy", *PROVENANCE, "peak_memory_gb",
+                            "peak_memory_source", "step_time_ms", "final_train_loss", "final_val_loss",
+                            "last_step_loss")
 # What a result says about the runs (from the checkpointed run, or the baseline if it ran out).
 DESCRIBED = ("params", "policy", "batch_size", "block_size", "device", "device_name", "dtype",
              "torch_version", "peak_memory_source")
@@ -40,14 +43,7 @@ class Criteria:
 
     @classmethod
     def from_params(cls, params: dict, device_type: str, size: str) -> Criteria:
-        v = params["verify"]
-        try:
-            low, high = (float(x) for x in pick(v["expected_range_pct"], device_type, size))
-            return cls(float(pick(v["threshold_pct"], device_type, size)), (low, high),
-                       float(pick(v["loss_tolerance"], device_type, size)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"params.yaml verify section is incomplete or malformed ({e}); it needs "
-                             f"threshold_pct, expected_range_pct: [low, high], loss_tolerance") from None
+        return cls(**verify_criteria(params, device_type, size))
 
 
 def read_run(path: str | Path) -> dict:
@@ -72,6 +68,11 @@ def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> d
                          f"checkpointing.gradient_checkpointing: true in params.yaml")
     if not baseline["oom"] and baseline["gradient_checkpointing"]:
         raise ValueError(f"the baseline run of {size} had gradient_checkpointing on; it must be off")
+    for key, what in PROVENANCE.items():
+        if baseline.get(key) != optimized.get(key):
+            raise ValueError(f"the two runs of {size} were measured with different {what} ({key} "
+                             f"{baseline.get(key)} vs {optimized.get(key)}); re-measure both: "
+                             f"dvc repro --force")
     figures = dict.fromkeys(("reduction_gb", "reduction_pct", "step_time_ratio", "loss_diff"))
     if optimized["oom"]:
         verdict = "✗ FAILURE: the checkpointed run ran out of memory"

@@ -2,8 +2,8 @@
 
     python3 stages/prepare.py
 
-Reads params.yaml's `data` section. The corpus comes from `local` when that file exists (an
-offline copy), else from `url` through the download cache; either way it must match `sha256`.
+Reads params.yaml's `data` section: the corpus comes from `url` through the download cache,
+or, offline, from the file NEUROMANIFOLD_CORPUS names; either way it must match `sha256`.
 Writes data/shakespeare_char (one token per character) and data/shakespeare (GPT-2 BPE)."""
 
 import sys
@@ -22,10 +22,8 @@ def main() -> int:
     missing = [k for k in ("url", "sha256") if not params.get(k)]
     if missing:
         raise ValueError(f"params.yaml data lacks {', '.join(missing)}; restore it from git")
-    local = params.get("local")
-    source = local if local and Path(local).is_file() else params["url"]
     for name in data.PREPARERS:
-        status = data.main([name, "--source", source, "--sha256", params["sha256"]])
+        status = data.main([name, "--source", params["url"], "--sha256", params["sha256"]])
         if status:
             return status
     return 0

@@ -1,18 +1,42 @@
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.data import CORPUS_ENV, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("TINYSHAKESPEARE", ROOT.parent / "shared/data/tinyshakespeare/input.txt"))
 
 # Small enough to train in a second on 2 cores, big enough for activations to dominate memory.
 TINY = ["--preset", "shakespeare_char", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
         "--batch_size", "4", "--block_size", "32", "--eval_iters", "2", "--log_interval", "1",
         "--warmup_iters", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """Tiny shakespeare's input.txt from $NEUROMANIFOLD_CORPUS, for the tests of nanoGPT's
+    published counts. Missing, it skips those tests, except under CI=true, where it fails."""
+    value = os.environ.get(CORPUS_ENV)
+    if value and Path(value).is_file():
+        return Path(value)
+    message = f"tiny shakespeare not given: set {CORPUS_ENV}=/path/to/input.txt"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> tuple[Path, str]:
+    """A 60 kB text of our own and its sha256: for tests that need a corpus, not that one."""
+    words = np.array("to be or not that is the question whether tis nobler in mind".split())
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=10)) for _ in range(1200)]
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")

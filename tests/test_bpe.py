@@ -14,7 +14,6 @@ import tiktoken.registry
 import tiktoken_ext.openai_public
 
 from neuromanifold_gpt import data, tokenizer
-from tests.conftest import CORPUS
 
 
 @pytest.fixture
@@ -62,13 +61,12 @@ def test_without_the_source_package_the_error_names_it(offline, monkeypatch):
         tokenizer.gpt2_encoding()
 
 
-@pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny shakespeare not at {CORPUS}")
-def test_shakespeare_bpe_counts(offline, tmp_path):
-    assert data.main(["shakespeare", "--source", str(CORPUS), "--data_dir", str(tmp_path)]) == 0
+def test_shakespeare_bpe_counts(offline, tmp_path, corpus):
+    assert data.main(["shakespeare", "--source", str(corpus), "--data_dir", str(tmp_path)]) == 0
     out = tmp_path / "shakespeare"
     assert pickle.loads((out / "meta.pkl").read_bytes())["vocab_size"] == 50257
     assert len(np.fromfile(out / "train.bin", dtype=np.uint16)) == 301_966
     val = np.fromfile(out / "val.bin", dtype=np.uint16)
     assert len(val) == 36_059
-    text = CORPUS.read_text()  # val is the last 10% of the characters, encoded on its own
+    text = corpus.read_text()  # val is the last 10% of the characters, encoded on its own
     assert tokenizer.gpt2_encoding().decode(val.tolist()) == text[int(len(text) * 0.9):]

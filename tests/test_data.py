@@ -1,29 +1,56 @@
-"""Data preparation gives nanoGPT's published counts; bad sources fail with a clear error."""
+"""Data preparation gives nanoGPT's published counts; the corpus comes from a URL or, offline,
+from $NEUROMANIFOLD_CORPUS; bad sources fail with a clear error."""
 
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
-import pytest
 
 from neuromanifold_gpt import data
-from tests.conftest import CORPUS
+from tests.conftest import ROOT
 
-needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny shakespeare not at {CORPUS}")
+OFFLINE_URL = "http://127.0.0.1:9/input.txt"  # nothing listens there: any download fails
 
 
-@needs_corpus
-def test_shakespeare_char_counts(tmp_path, monkeypatch):
+def test_shakespeare_char_counts(tmp_path, monkeypatch, corpus):
     monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
-    assert data.main(["shakespeare_char", "--source", str(CORPUS), "--data_dir", str(tmp_path)]) == 0
+    assert data.main(["shakespeare_char", "--source", str(corpus), "--data_dir", str(tmp_path)]) == 0
     out = tmp_path / "shakespeare_char"
     meta = pickle.loads((out / "meta.pkl").read_bytes())
     assert meta["vocab_size"] == 65
     assert len(np.fromfile(out / "train.bin", dtype=np.uint16)) == 1_003_854
     assert len(np.fromfile(out / "val.bin", dtype=np.uint16)) == 111_540
     assert "".join(meta["itos"][i] for i in np.fromfile(out / "val.bin", dtype=np.uint16)[:5]) == \
-        CORPUS.read_text()[1_003_854:1_003_859]
+        corpus.read_text()[1_003_854:1_003_859]
     # the verified corpus is cached: a later prepare works offline from the canonical URL
     assert data.main(["shakespeare_char", "--data_dir", str(tmp_path / "again")]) == 0
+
+
+def test_the_environment_variable_hands_a_url_source_a_local_corpus(tmp_path, monkeypatch, small_corpus):
+    path, sha256 = small_corpus
+    monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(data.CORPUS_ENV, str(path))
+    args = ["shakespeare_char", "--source", OFFLINE_URL, "--sha256", sha256]
+    assert data.main(args + ["--data_dir", str(tmp_path)]) == 0
+    meta = pickle.loads((tmp_path / "shakespeare_char" / "meta.pkl").read_bytes())
+    assert meta["train_tokens"] + meta["val_tokens"] == len(path.read_text())
+    # copied into the cache: without the variable, the same source still prepares offline
+    monkeypatch.delenv(data.CORPUS_ENV)
+    assert data.main(args + ["--data_dir", str(tmp_path / "again")]) == 0
+
+
+def test_a_wrong_file_in_the_environment_variable_is_named(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "input.txt"
+    bad.write_text("not shakespeare")
+    monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(data.CORPUS_ENV, str(bad))
+    assert data.main(["shakespeare_char", "--data_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: corpus {data.CORPUS_ENV}={bad} has the wrong sha256")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "shakespeare_char").exists()
 
 
 def test_wrong_checksum_is_refused(tmp_path, capsys):
@@ -34,10 +61,24 @@ def test_wrong_checksum_is_refused(tmp_path, capsys):
     assert not (tmp_path / "shakespeare_char" / "train.bin").exists()
 
 
-def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch, capsys):
+def test_offline_download_names_the_environment_variable(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "empty-cache"))
-    code = data.main(["shakespeare_char", "--source", "http://127.0.0.1:9/input.txt",
-                      "--data_dir", str(tmp_path)])
+    monkeypatch.delenv(data.CORPUS_ENV, raising=False)
+    code = data.main(["shakespeare_char", "--source", OFFLINE_URL, "--data_dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and "could not download" in err and "--source" in err
-    assert str(tmp_path / "empty-cache") in err
+    assert code == 2 and "could not download" in err
+    assert f"set {data.CORPUS_ENV}=/path/to/input.txt" in err
+
+
+def test_without_the_corpus_ci_fails_and_a_laptop_skips():
+    env = {k: v for k, v in os.environ.items() if k not in (data.CORPUS_ENV, "CI")}
+    test = "tests/test_data.py::test_shakespeare_char_counts"
+
+    def pytest_run(**extra):
+        return subprocess.run([sys.executable, "-m", "pytest", test, "-rs", "-p", "no:cacheprovider"],
+                              cwd=ROOT, env=dict(env, **extra), capture_output=True, text=True)
+
+    laptop, ci = pytest_run(), pytest_run(CI="true")
+    assert laptop.returncode == 0 and "1 skipped" in laptop.stdout
+    assert ci.returncode == 1 and "1 error" in ci.stdout
+    assert f"set {data.CORPUS_ENV}=/path/to/input.txt" in ci.stdout

@@ -1,7 +1,9 @@
-"""The DVC pipeline end to end on a throw-away copy of the project, with a tiny model: flipping
-the checkpointing policy re-runs only what reads it, `dvc metrics diff` shows the peak-memory
-change, `dvc params diff` the flag, and DVC's run-cache holds no training run it could restore
-in place of a new measurement."""
+"""The DVC pipeline end to end on a throw-away copy of the project, with a tiny model and a
+corpus of its own: the first `dvc repro` measures everything, a second one re-runs only the
+hardware stage, figures from other hardware are re-measured, a bad params.yaml stops in the
+hardware stage with the outputs intact, and flipping the checkpointing policy re-runs only
+what reads it (`dvc metrics diff` shows the peak-memory change, `dvc params diff` the flag),
+with no training run in DVC's run-cache to restore in place of a new measurement."""
 
 import json
 import os
@@ -12,11 +14,12 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import CORPUS, ROOT
+from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not CORPUS.is_file(), reason=f"tiny shakespeare not at {CORPUS}")
 GENERATED = ("dvc.lock", "metrics/", "plots/", "logs/")
 SIZE = "shakespeare_char"
+TRAINING = {f"train_baseline@{SIZE}", f"train_checkpointed@{SIZE}"}
+RUN_METRICS = [f"metrics/train/{SIZE}/{run}.json" for run in ("baseline", "checkpointed")]
 
 
 def project_copy(dest):
@@ -29,74 +32,146 @@ def project_copy(dest):
             shutil.copy2(ROOT / name, dest / name)
 
 
-@pytest.fixture
-def repo(tmp_path):
-    project_copy(tmp_path)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["data"]["local"] = str(CORPUS)
-    params["train"]["device"] = "cpu"
-    params["sizes"] = {SIZE: {"config": "config/train_shakespeare_char.py", "n_layer": 2,
-                              "n_head": 2, "n_embd": 128, "batch_size": 16, "block_size": 128,
-                              "max_iters": 3, "eval_iters": 1, "log_interval": 1}}
-    params["verify"]["threshold_pct"] = {"cpu": -100}  # the mechanics here, not the memory claim
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(tmp_path),
-               NEUROMANIFOLD_CACHE=str(tmp_path / ".cache"),
-               TIKTOKEN_CACHE_DIR=str(tmp_path / ".cache" / "tiktoken"),
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
+class Repo:
+    """A project copy in git, its corpus handed over the documented offline way."""
 
-    def sh(*cmd):
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    def __init__(self, path, corpus):
+        self.path = path
+        self.env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(path),
+                        NEUROMANIFOLD_CACHE=str(path / ".cache"), NEUROMANIFOLD_CORPUS=str(corpus),
+                        TIKTOKEN_CACHE_DIR=str(path / ".cache" / "tiktoken"),
+                        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                        GIT_COMMITTER_EMAIL="t@t")
+
+    def run(self, *cmd):
+        return subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
+
+    def sh(self, *cmd) -> str:
+        done = self.run(*cmd)
         assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    sh("git", "init", "-q")
-    return tmp_path, sh
+    def dvc(self, *args) -> str:
+        return self.sh(sys.executable, "-m", "dvc", *args)
 
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
 
-def set_policy(path, policy):
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["checkpointing"]["checkpoint_policy"] = policy
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    def set_params(self, params: dict) -> None:
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-
-def repro(sh) -> str:
-    return sh(sys.executable, "-m", "dvc", "repro")
+    def read(self, name: str) -> dict:
+        return json.loads((self.path / name).read_text())
 
 
 def ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-def test_flipping_the_policy_remeasures_only_the_checkpointed_run(repo):
-    path, sh = repo
-    first = repro(sh)
-    assert ran(first) == {"prepare", f"train_baseline@{SIZE}", f"train_checkpointed@{SIZE}",
-                          "verify", "report"}
-    assert "VERIFICATION PASSED ✓" in first
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "block")
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, small_corpus):
+    """The copy after its first `dvc repro`, committed; `first` holds that run's output."""
+    corpus, sha256 = small_corpus
+    repo = Repo(tmp_path_factory.mktemp("project"), corpus)
+    project_copy(repo.path)
+    params = repo.params()
+    params["data"]["sha256"] = sha256
+    params["train"]["device"] = "cpu"
+    params["sizes"] = {SIZE: {"config": "config/train_shakespeare_char.py", "n_layer": 2,
+                              "n_head": 2, "n_embd": 128, "batch_size": 16, "block_size": 128,
+                              "max_iters": 3, "eval_iters": 1, "log_interval": 1}}
+    # the mechanics here, not the memory claim
+    params["verify"]["threshold_pct"] = {"cpu": -100, "cuda": -100}
+    repo.set_params(params)
+    repo.sh("git", "init", "-q")
+    repo.first = repo.dvc("repro")
+    repo.sh("git", "add", "-A")
+    repo.sh("git", "commit", "-qm", "measured")
+    return repo
 
-    set_policy(path, "attention")
-    assert ran(repro(sh)) == {f"train_checkpointed@{SIZE}", "verify", "report"}
-    metrics = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "diff", "--json"))
+
+def test_the_first_repro_measures_every_stage(repo):
+    assert ran(repo.first) == {"hardware", "prepare", *TRAINING, "verify", "report"}
+    assert "metrics/ holds no figures yet: every size is measured" in repo.first
+    assert "VERIFICATION PASSED ✓" in repo.first
+    hardware = repo.read("metrics/hardware.json")
+    assert hardware["device"] == "cpu" and hardware["dtype"] == "float32"
+    for name in RUN_METRICS:  # every run records where and from what it was measured
+        run = repo.read(name)
+        assert run["device_name"] == hardware["device_name"]
+        assert run["torch_version"] == hardware["torch_version"]
+        assert len(run["code_hash"]) == 64 and run["git_commit"] is None  # no commit yet
+    timeline = (repo.path / f"plots/step/{SIZE}/baseline.tsv").read_text().splitlines()
+    assert timeline[0] == "time_ms\tallocated_gb\tphase" and len(timeline) > 10
+    assert {line.split("\t")[2] for line in timeline[1:]} == {"forward", "backward", "optimizer"}
+    assert (repo.path / "plots/memory_in_step.png").stat().st_size > 10_000
+
+
+def test_a_second_repro_on_the_same_machine_reruns_only_the_hardware_stage(repo):
+    before = [repo.read(name) for name in RUN_METRICS]
+    out = repo.dvc("repro")
+    assert ran(out) == {"hardware"}
+    assert "the same as the figures in metrics/" in out and "dvc repro --force" in out
+    assert [repo.read(name) for name in RUN_METRICS] == before
+
+
+def test_a_bad_params_value_stops_in_the_hardware_stage_with_the_outputs_intact(repo):
+    good = repo.params()
+    outputs = {p: p.read_bytes() for p in repo.path.glob("metrics/**/*.json")}
+    bad = yaml.safe_load(yaml.safe_dump(good))
+    bad["sizes"][SIZE]["batch_size"] = "sixteen"
+    repo.set_params(bad)
+    try:
+        done = repo.run(sys.executable, "-m", "dvc", "repro")
+    finally:
+        repo.set_params(good)
+    assert done.returncode != 0
+    assert ran(done.stdout) == {"hardware"}
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: batch_size='sixteen' in params.yaml sizes.{SIZE} is not valid: "
+                      f"expected an integer"]
+    assert "Traceback" not in done.stderr
+    assert {p: p.read_bytes() for p in repo.path.glob("metrics/**/*.json")} == outputs
+
+
+def test_flipping_the_policy_remeasures_only_the_checkpointed_run(repo):
+    params = repo.params()
+    assert params["checkpointing"]["checkpoint_policy"] == "block"
+    params["checkpointing"]["checkpoint_policy"] = "attention"
+    repo.set_params(params)
+    out = repo.dvc("repro")
+    assert ran(out) == {"hardware", f"train_checkpointed@{SIZE}", "verify", "report"}
+    assert "VERIFICATION PASSED ✓" in out  # a params-only change still compares
+    metrics = json.loads(repo.dvc("metrics", "diff", "--json"))
     checkpointed = metrics[f"metrics/train/{SIZE}/checkpointed.json"]
     assert checkpointed["policy"]["old"] == "block" and checkpointed["policy"]["new"] == "attention"
     peak = checkpointed["peak_memory_gb"]
     assert peak["new"] != peak["old"] and peak["diff"] == pytest.approx(peak["new"] - peak["old"])
     assert f"metrics/train/{SIZE}/baseline.json" not in metrics  # not re-run, not changed
     assert f"sizes.{SIZE}.reduction_pct" in metrics["metrics/verify.json"]
-    params = json.loads(sh(sys.executable, "-m", "dvc", "params", "diff", "--json"))
-    assert params == {"params.yaml": {"checkpointing.checkpoint_policy":
-                                      {"old": "block", "new": "attention"}}}
+    assert json.loads(repo.dvc("params", "diff", "--json")) == {
+        "params.yaml": {"checkpointing.checkpoint_policy": {"old": "block", "new": "attention"}}}
 
     # DVC's run-cache can only restore a run it saved: the training stages must not be there,
     # so that going back to `block` measures again instead of restoring the old figures.
-    saved = [yaml.safe_load(f.read_text())["cmd"] for f in (path / ".dvc/cache/runs").rglob("*")
+    saved = [yaml.safe_load(f.read_text())["cmd"] for f in (repo.path / ".dvc/cache/runs").rglob("*")
              if f.is_file()]
     assert "python3 stages/prepare.py" in saved
     assert not [cmd for cmd in saved if "stages/train.py" in cmd]
+
+
+def test_figures_from_other_hardware_are_remeasured(repo):
+    # as in a clone whose committed figures an H200 measured
+    gpu = {"device_name": "NVIDIA H200", "torch_version": "2.11.0+cu130"}
+    for name in ("metrics/hardware.json", *RUN_METRICS):
+        (repo.path / name).write_text(json.dumps(dict(repo.read(name), **gpu)))
+    repo.dvc("commit", "-f", "-q")  # (which saves run-cache entries: this test comes last)
+    out = repo.dvc("repro")
+    assert "the figures in metrics/ were measured on NVIDIA H200, torch 2.11.0+cu130" in out
+    assert ran(out) == {"hardware", *TRAINING, "verify", "report"}
+    here = repo.read("metrics/hardware.json")
+    assert here["device_name"] != "NVIDIA H200"
+    assert all(repo.read(name)["device_name"] == here["device_name"] for name in RUN_METRICS)
 
 
 def test_a_memory_lever_for_the_checkpointed_run_only_is_refused():

@@ -108,6 +108,7 @@ class TrainConfig:
     out_dir: str = "out"  # snapshots go here
     metrics_file: str = ""  # write the run's metrics JSON here ("" = do not write)
     memory_trace_file: str = ""  # write per-step memory as TSV here ("" = do not write)
+    memory_timeline_file: str = ""  # write memory against time within one extra step as TSV here
     # model
     preset: str = "shakespeare_char"  # model size: one of PRESETS
     n_layer: int | None = None  # override the preset's layer count

@@ -1,0 +1,84 @@
+"""Provenance: verify refuses to pair runs that other training code, hardware or torch
+measured (a params-only change still pairs); the training-code hash follows dvc.yaml's
+training deps and nothing else; commit and dirty flag come from git, and are None outside it."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from neuromanifold_gpt import provenance
+from neuromanifold_gpt.verify import Criteria, compare
+from tests.conftest import ROOT
+from tests.test_verify import run
+
+CRITERIA = Criteria(threshold_pct=20, expected_range_pct=(20, 40), loss_tolerance=0.02)
+CODE = {"code_hash": "a" * 64}
+
+
+@pytest.mark.parametrize("key, other, what", [
+    ("code_hash", "b" * 64, "different training code"),
+    ("device_name", "cpu (AMD EPYC, x86_64, 2 threads)", "different hardware"),
+    ("torch_version", "2.13.0+cpu", "different torch"),
+])
+def test_verify_refuses_runs_of_other_code_hardware_or_torch(key, other, what):
+    baseline, optimized = run(12.0, False, **CODE), run(8.0, True, **(CODE | {key: other}))
+    with pytest.raises(ValueError) as e:
+        compare("gpt2", baseline, optimized, CRITERIA)
+    assert str(e.value) == (f"the two runs of gpt2 were measured with {what} ({key} {baseline[key]} vs "
+                            f"{other}); re-measure both: dvc repro --force")
+
+
+def test_a_params_only_change_still_compares():
+    result = compare("gpt2", run(12.0, False, **CODE), run(8.0, True, policy="mlp", **CODE), CRITERIA)
+    assert result["passed"] and result["reduction_pct"] == pytest.approx(100 / 3)
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """dvc.yaml and every file its training stages read, in a fresh directory."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    for path in provenance.code_files(ROOT):
+        dest = tmp_path / path.relative_to(ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+    (tmp_path / "README.md").write_text("readme\n")
+    return tmp_path
+
+
+def test_the_code_hash_covers_the_training_code_only(checkout):
+    names = {p.relative_to(checkout).as_posix() for p in provenance.code_files(checkout)}
+    assert {"train.py", "stages/train.py", "neuromanifold_gpt/trainer.py",
+            "neuromanifold_gpt/model/block.py", "neuromanifold_gpt/config/base.py"} <= names
+    assert not [n for n in names if n.startswith(("data/", "metrics/", "config/")) or "__pycache__" in n]
+    before = provenance.code_hash(checkout)
+    (checkout / "README.md").write_text("other\n")  # not training code
+    (checkout / "neuromanifold_gpt/model/__pycache__").mkdir()
+    (checkout / "neuromanifold_gpt/model/__pycache__/block.cpython-311.pyc").write_bytes(b"\0")
+    assert provenance.code_hash(checkout) == before
+    block = checkout / "neuromanifold_gpt/model/block.py"
+    block.write_text(block.read_text() + "\n")
+    assert provenance.code_hash(checkout) != before
+
+
+def test_commit_and_dirty_flag_come_from_git_and_are_none_outside_it(checkout):
+    cpu = torch.device("cpu")
+    outside = provenance.run_provenance(cpu, checkout)
+    assert outside["git_commit"] is None and outside["git_dirty"] is None
+    assert outside["code_hash"] == provenance.code_hash(checkout) and outside["cuda_version"] is None
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=checkout,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    clean = provenance.run_provenance(cpu, checkout)
+    assert clean["git_commit"] == git("rev-parse", "HEAD") and clean["git_dirty"] is False
+    (checkout / "README.md").write_text("edited\n")  # not training code: still clean
+    assert provenance.run_provenance(cpu, checkout)["git_dirty"] is False
+    trainer = checkout / "neuromanifold_gpt/trainer.py"
+    trainer.write_text(trainer.read_text() + "\n")
+    assert provenance.run_provenance(cpu, checkout)["git_dirty"] is True

@@ -1,0 +1,37 @@
+"""Memory within one step: an extra recorded step after the measured ones, which leaves the
+run's figures alone and shows what checkpointing does (a lower hill of activations)."""
+
+import pytest
+
+from neuromanifold_gpt.config.cli import parse_args
+from neuromanifold_gpt.memory import GIB
+from neuromanifold_gpt.plots import read_trace
+from neuromanifold_gpt.timeline import timeline_rows
+from neuromanifold_gpt.trainer import train
+
+WIDER = ["--n_embd", "64", "--batch_size", "16", "--block_size", "64", "--max_iters", "3"]
+
+
+def test_rows_follow_the_phase_marks():
+    events = [(100, 2 * GIB), (150, GIB), (300, -GIB), (400, GIB), (500, -3 * GIB)]
+    marks = [(90, "forward"), (200, "backward"), (450, "optimizer")]
+    assert timeline_rows(events, marks) == [(0.0, 2.0, "forward"), (0.05, 3.0, "forward"),
+                                            (0.2, 2.0, "backward"), (0.3, 3.0, "backward"),
+                                            (0.4, 0.0, "optimizer")]
+
+
+def test_the_recorded_step_leaves_the_run_alone_and_shows_the_saving(tiny_args, tmp_path):
+    plain = train(parse_args(tiny_args + WIDER), quiet=True)
+    peaks = {}
+    for checkpointed in ("false", "true"):
+        path = tmp_path / f"{checkpointed}.tsv"
+        m = train(parse_args(tiny_args + WIDER + ["--gradient_checkpointing", checkpointed,
+                                                  "--memory_timeline_file", str(path)]), quiet=True)
+        assert m["iters"] == plain["iters"] and m["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+        tl = read_trace(path)
+        assert tl["phase"][0] == "forward" and tl["phase"][-1] == "optimizer"
+        assert set(tl["phase"]) == {"forward", "backward", "optimizer"}
+        assert tl["time_ms"] == sorted(tl["time_ms"])
+        backward = tl["phase"].index("backward")
+        peaks[checkpointed] = max(tl["allocated_gb"][:backward + 1])  # what forward leaves for backward
+    assert peaks["true"] < 0.6 * peaks["false"]
