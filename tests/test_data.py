@@ -1,6 +1,6 @@
 """Data preparation gives nanoGPT's published counts; bad sources fail with a clear error."""
 
-import pickle
+import json
 
 import numpy as np
 import pytest
@@ -16,11 +16,11 @@ def test_shakespeare_char_counts(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
     assert data.main(["shakespeare_char", "--source", str(CORPUS), "--data_dir", str(tmp_path)]) == 0
     out = tmp_path / "shakespeare_char"
-    meta = pickle.loads((out / "meta.pkl").read_bytes())
+    meta = json.loads((out / "meta.json").read_text())
     assert meta["vocab_size"] == 65
     assert len(np.fromfile(out / "train.bin", dtype=np.uint16)) == 1_003_854
     assert len(np.fromfile(out / "val.bin", dtype=np.uint16)) == 111_540
-    assert "".join(meta["itos"][i] for i in np.fromfile(out / "val.bin", dtype=np.uint16)[:5]) == \
+    assert "".join(meta["vocab"][i] for i in np.fromfile(out / "val.bin", dtype=np.uint16)[:5]) == \
         CORPUS.read_text()[1_003_854:1_003_859]
     # the verified corpus is cached: a later prepare works offline from the canonical URL
     assert data.main(["shakespeare_char", "--data_dir", str(tmp_path / "again")]) == 0
