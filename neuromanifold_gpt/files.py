@@ -30,10 +30,8 @@ def _refuse_non_regular(path: Path, what: str) -> None:
     destroy something that is not ours."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (yet) to replace
         return
-    except OSError as e:  # e.g. a parent that is a file (ENOTDIR)
-        raise ValueError(f"{what} {path} cannot be written ({e.strerror}); choose another path") from None
     if not stat.S_ISREG(mode):
         raise ValueError(f"{what} {path} is a {_KINDS.get(stat.S_IFMT(mode), 'special file')}, "
                          f"not a regular file; give the path of a file to write")

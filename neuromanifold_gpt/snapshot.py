@@ -4,6 +4,7 @@ read back with weights_only=True. A file that is not such a snapshot is one clea
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ def _read(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise _unreadable(path, "is empty")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about files it is about to refuse
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch's message advises weights_only=False, which must never be taken
         raise _unreadable(path, "is truncated or not a snapshot written by train.py") from None
     if not isinstance(state, dict) or not set(KEYS) <= set(state):
