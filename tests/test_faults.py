@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -382,3 +383,49 @@ def test_concurrent_verifications_do_not_share_a_folder(tmp_path, capsys):
         assert time.monotonic() - start < 30
     assert "another verify_gradient_checkpointing.py run is using" in one_line_error(capsys)
     assert os.listdir(tmp_path / "out") == [".lock"]
+
+
+# -- torchrun --------------------------------------------------------------------------------
+def torchrun_params(data_dir, nproc: int) -> dict:
+    return {"train": {"device": "cpu", "data_dir": str(data_dir), "dataset": "tiny", "nproc": nproc},
+            "sizes": {"tiny": {"config": "config/train_shakespeare_char.py", "n_layer": 2,
+                               "n_head": 2, "n_embd": 32, "batch_size": 4, "block_size": 32,
+                               "max_iters": 2, "eval_iters": 1, "gradient_accumulation_steps": 2}},
+            "checkpointing": {"gradient_checkpointing": True}}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--learning_rate", "nan"], "learning_rate=nan must be a finite number"),
+    (["--gradient_accumulation_steps", "3"], "must divide among the 2 ranks"),
+    (["--dataset", "nope"], "dataset 'nope' is not prepared"),
+    (["--metrics_file", "/dev/null"], "is a device"),
+])
+def test_bad_input_under_torchrun_is_refused_before_any_process_starts(
+        override, message, data_dir, tmp_path, monkeypatch):
+    from neuromanifold_gpt.launch import plan_run
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan_run(torchrun_params(data_dir, 2), "tiny", "checkpointed", tmp_path, override)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["callback", "forward"])
+def test_an_oom_on_one_rank_ends_every_rank_at_once_with_exit_3(where, tiny_args, tmp_path):
+    """Rank 1 runs out of memory at step 2: after the step (the ranks agree, rank 0 writes the
+    record, both exit 3) or inside its forward (rank 0 waits in DDP's all-reduce, which no
+    agreement can reach: rank 1 writes the record and leaves; rank 0's collective fails)."""
+    from neuromanifold_gpt.launch import PlannedRun, run_training
+
+    metrics = tmp_path / "m.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "oom_on_rank_1.py"), where, *tiny_args, "--max_iters", "6",
+               "--gradient_accumulation_steps", "2", "--metrics_file", str(metrics)]
+    start = time.monotonic()
+    status = run_training(PlannedRun(command, tmp_path / "log", metrics))
+    assert time.monotonic() - start < 120  # dist_timeout is 600 s
+    assert status == 3  # torchrun itself exits 1
+    record = json.loads(metrics.read_text())
+    assert record["oom"] is True and "(rank 1)" in record["error"]
+    log = (tmp_path / "log").read_text()
+    assert log.count("error: CUDA out of memory") == (2 if where == "callback" else 1)
