@@ -94,7 +94,8 @@ def test_a_bad_local_corpus_never_reaches_the_cache(tmp_path, monkeypatch, capsy
                                   "dropout", "activation_memory_budget"])
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_non_finite_hyperparameters_are_refused(flag, value, tiny_args, tmp_path, capsys):
-    assert train.main(tiny_args + [f"--{flag}", value, "--metrics_file", str(tmp_path / "m.json")]) == 2
+    argv = tiny_args + ["--max_iters", "2", f"--{flag}", value, "--metrics_file", str(tmp_path / "m.json")]
+    assert train.main(argv) == 2
     assert f"{flag}=" in one_line_error(capsys)
     assert not (tmp_path / "m.json").exists()
 

@@ -117,7 +117,7 @@ class TrainConfig:
     """One training run. Model fields left at None come from the preset."""
 
     # data and outputs
-    dataset: str = "shakespeare_char"  # folder under data_dir holding train.bin/val.bin/meta.pkl
+    dataset: str = "shakespeare_char"  # folder under data_dir holding train.bin/val.bin/meta.json
     data_dir: str = "data"  # where prepared datasets live
     out_dir: str = "out"  # snapshots go here
     metrics_file: str = ""  # write the run's metrics JSON here ("" = do not write)
