@@ -8,6 +8,7 @@ import pickle
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -115,12 +116,17 @@ def bad_outputs(tmp_path: Path) -> dict:
     (tmp_path / "link").symlink_to(a_file)
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
+    device = tmp_path / "null"  # a device node of our own: /dev/null is shared
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:  # not root: the system's own, untouched by a refused write
+        device = Path("/dev/null")
     return {
         "a directory": (tmp_path / "dir", "is a directory"),
         "parent is a file": (a_file / "m.json", "is a file, not a folder"),
         "symlink": (tmp_path / "link", "is a symlink"),
         "fifo": (tmp_path / "fifo", "is a FIFO"),
-        "device node": (Path("/dev/null"), "is a device"),
+        "device node": (device, "is a device"),
         "unwritable folder": (Path("/proc/m.json"), "cannot be written"),
     }
 
@@ -399,7 +405,7 @@ def torchrun_params(data_dir, nproc: int) -> dict:
     (["--learning_rate", "nan"], "learning_rate=nan must be a finite number"),
     (["--gradient_accumulation_steps", "3"], "must divide among the 2 ranks"),
     (["--dataset", "nope"], "dataset 'nope' is not prepared"),
-    (["--metrics_file", "/dev/null"], "is a device"),
+    (["--metrics_file", "/proc/m.json"], "cannot be written"),
 ])
 def test_bad_input_under_torchrun_is_refused_before_any_process_starts(
         override, message, data_dir, tmp_path, monkeypatch):
