@@ -5,7 +5,7 @@
 
 Every field of TrainConfig and of its sections (neuromanifold_gpt/config/base.py) can be set
 as --key value or --key=value; later ones win. Exit codes (neuromanifold_gpt/errors.py): 0 done, 2 bad input,
-3 CUDA out of memory, 130 interrupted."""
+3 CUDA out of memory, 4 the loss became non-finite, 130 interrupted (Ctrl-C or SIGTERM)."""
 
 import sys
 

@@ -6,16 +6,44 @@ baseline and a checkpointed training of one model size, compare them, print RESU
 
 Both runs take params.yaml's settings for the size, exactly as the DVC pipeline's runs do,
 each in a fresh train.py process; any further --key value (a TrainConfig field) goes to both.
-Metrics, memory traces and logs go under --out. Exit status: 0 passed, 1 failed (a run
-crashed, memory was not saved, or the losses differ), 2 bad input, 130 interrupted."""
+Metrics, memory traces and logs go under --out, which one run holds at a time (a second
+run at once is refused). Exit status: 0 passed, 1 failed (a run crashed, memory was not
+saved, or the losses differ), 2 bad input, 4 a run's loss became non-finite, 130 interrupted."""
 
 import argparse
+import contextlib
+import fcntl
 import sys
+from pathlib import Path
 
-from neuromanifold_gpt.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OOM, entry_point
+from neuromanifold_gpt.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NON_FINITE,
+    EXIT_OOM,
+    entry_point,
+)
+from neuromanifold_gpt.files import check_output
 from neuromanifold_gpt.launch import plan_run, run_training
 from neuromanifold_gpt.params import PER_RUN_FLAGS, RUNS, load_params
 from neuromanifold_gpt.verify import report, verify_pairs
+
+
+@contextlib.contextmanager
+def holding(out: Path):
+    """The --out folder for this run alone: a second run at once would read this one's files.
+    The lock goes with the process, however it ends."""
+    lock_path = out / ".lock"
+    check_output(lock_path, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another verify_gradient_checkpointing.py run is using {out}; wait "
+                             f"for it to finish or pass --out OTHER_FOLDER") from None
+        yield
 
 
 @entry_point
@@ -29,17 +57,18 @@ def main(argv: list[str]) -> int:
     if reserved:
         raise ValueError(f"{reserved[0]} is set by this script for each run; drop it")
     params = load_params("train", "sizes", "checkpointing", "verify", path=args.params)
-    # both runs are planned before either starts: bad settings stop it with nothing written
-    plans = {run: plan_run(params, args.size, run, args.out, overrides) for run in RUNS}
-    for run, (command, log) in plans.items():
-        status = run_training(command, log)
-        if status == EXIT_BAD_INPUT:  # train.py has said what was wrong with the settings
-            return EXIT_BAD_INPUT
-        if status not in (0, EXIT_OOM):
-            print(f"VERIFICATION FAILED ✗: the {run} run exited with status {status} "
-                  f"(its log: {log})")
-            return EXIT_FAILED
-    results = verify_pairs(params, [args.size], args.out)
+    with holding(Path(args.out)):
+        # both runs are planned before either starts: bad settings stop it with nothing written
+        plans = {run: plan_run(params, args.size, run, args.out, overrides) for run in RUNS}
+        for run, planned in plans.items():
+            status = run_training(planned)
+            if status in (EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_INTERRUPTED):
+                return status  # train.py has said what happened
+            if status not in (0, EXIT_OOM):
+                print(f"VERIFICATION FAILED ✗: the {run} run exited with status {status} "
+                      f"(its log: {planned.log})")
+                return EXIT_FAILED
+        results = verify_pairs(params, [args.size], args.out)
     print(f"\n{report(results)}")
     return 0 if results[0]["passed"] else EXIT_FAILED
 

@@ -1,5 +1,6 @@
 """Datasets: the tiny shakespeare corpus, prepared as nanoGPT prepares it (train.bin and
-val.bin of uint16 token ids, the text split 90/10, plus meta.pkl), and a memmap batch loader.
+val.bin of uint16 token ids, the text split 90/10, plus meta.json), and a memmap batch loader.
+Metadata is JSON (ints and the vocabulary): a dataset folder never runs code when read.
 
     python3 -m neuromanifold_gpt.data shakespeare_char
     NEUROMANIFOLD_CORPUS=/path/to/input.txt python3 -m neuromanifold_gpt.data shakespeare  # offline
@@ -15,8 +16,8 @@ prepare finds it offline."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 
 from .errors import entry_point
-from .files import atomic_path, cache_dir, sha256_of
+from .files import atomic_path, cache_dir, check_output, sha256_of
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CORPUS_ENV = "NEUROMANIFOLD_CORPUS"  # a local input.txt, used instead of a URL source
+META = "meta.json"
 
 
 def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
@@ -71,23 +73,31 @@ def split_text(text: str) -> tuple[str, str]:
 
 
 def write_dataset(out_dir: Path, ids: np.ndarray, meta: dict) -> dict:
-    """Split ids 90/10 into train.bin/val.bin (uint16) and write meta.pkl; all-or-nothing."""
+    """Split ids 90/10 into train.bin/val.bin (uint16) and write meta.json; all-or-nothing."""
     n = int(len(ids) * 0.9)
     return write_splits(out_dir, ids[:n], ids[n:], meta)
 
 
 def write_splits(out_dir: Path, train: np.ndarray, val: np.ndarray, meta: dict) -> dict:
-    """Write train.bin/val.bin (uint16) and meta.pkl; all-or-nothing."""
+    """Write train.bin/val.bin (uint16) and meta.json; all-or-nothing. A meta.pkl of an older
+    prepare is removed: it is never read."""
     meta = dict(meta, train_tokens=len(train), val_tokens=len(val))
+    for name in ("train.bin", "val.bin", META):
+        check_output(out_dir / name, "dataset file")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    train.astype(np.uint16).tofile(tmp / "train.bin")
-    val.astype(np.uint16).tofile(tmp / "val.bin")
-    with open(tmp / "meta.pkl", "wb") as f:
-        pickle.dump(meta, f)
-    for name in ("train.bin", "val.bin", "meta.pkl"):
-        os.replace(tmp / name, out_dir / name)
-    tmp.rmdir()
+    try:
+        train.astype(np.uint16).tofile(tmp / "train.bin")
+        val.astype(np.uint16).tofile(tmp / "val.bin")
+        (tmp / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        for name in ("train.bin", "val.bin", META):
+            os.replace(tmp / name, out_dir / name)
+    except OSError as e:
+        raise ValueError(f"could not write the dataset to {out_dir} ({e.strerror or e}); free "
+                         f"some space or choose another --data_dir") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (out_dir / "meta.pkl").unlink(missing_ok=True)
     return meta
 
 
@@ -97,8 +107,7 @@ def prepare_shakespeare_char(out_dir: Path, source: str = CORPUS_URL,
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    return write_dataset(out_dir, ids, dict(vocab_size=len(chars), stoi=stoi,
-                                            itos={i: ch for i, ch in enumerate(chars)}))
+    return write_dataset(out_dir, ids, dict(vocab_size=len(chars), vocab="".join(chars)))
 
 
 def prepare_shakespeare(out_dir: Path, source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> dict:
@@ -114,6 +123,50 @@ def prepare_shakespeare(out_dir: Path, source: str = CORPUS_URL, sha256: str = C
 PREPARERS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare}
 
 
+def _prepare_again(data_dir: str, dataset: str) -> str:
+    return (f"prepare the dataset again: python3 -m neuromanifold_gpt.data {dataset} "
+            f"--data_dir {data_dir} (or dvc repro)")
+
+
+def open_dataset(data_dir: str, dataset: str, block_size: int) -> tuple[dict, dict[str, int]]:
+    """The dataset's metadata and tokens per split, checked: meta.json readable, each .bin
+    the size it records, every token id below vocab_size, every split longer than a block."""
+    folder = Path(data_dir) / dataset
+    meta_path = folder / META
+    if not meta_path.is_file():
+        if (folder / "meta.pkl").is_file():  # never unpickled: a pickle can run code
+            raise ValueError(f"{folder} holds meta.pkl, an old metadata format that is not read "
+                             f"(a pickle can run code); {_prepare_again(data_dir, dataset)}")
+        raise ValueError(f"dataset {dataset!r} is not prepared ({meta_path} is missing); run: "
+                         f"python3 -m neuromanifold_gpt.data {dataset} --data_dir {data_dir}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        vocab_size = meta["vocab_size"]
+        counts = {split: meta[f"{split}_tokens"] for split in ("train", "val")}
+        for value in (vocab_size, *counts.values()):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{value!r} is not a positive integer")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
+                         f"{_prepare_again(data_dir, dataset)}") from None
+    for split, expected in counts.items():
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else -1
+        if size != 2 * expected:
+            state = "missing" if size < 0 else f"{size} bytes, expected {2 * expected}"
+            raise ValueError(f"{path} is {state}; {_prepare_again(data_dir, dataset)}")
+        if expected <= block_size:
+            raise ValueError(f"block_size={block_size} is too large for {path} "
+                             f"({expected} tokens); use --block_size {expected - 1} or less")
+        # one pass over the memmap (about 1 ms per million tokens): an id past the vocabulary
+        # would otherwise fail deep inside the embedding
+        top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+        if top >= vocab_size:
+            raise ValueError(f"{path} holds token id {top}, but {meta_path} says vocab_size "
+                             f"{vocab_size}; {_prepare_again(data_dir, dataset)}")
+    return meta, counts
+
+
 class BatchLoader:
     """Random (B, T) windows from train.bin/val.bin, drawn from its own seeded generator
     (so the data order is reproducible and can be saved in a snapshot)."""
@@ -122,30 +175,8 @@ class BatchLoader:
                  device: torch.device, seed: int):
         self.dir = Path(data_dir) / dataset
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
-        meta_path = self.dir / "meta.pkl"
-        if not meta_path.is_file():
-            raise ValueError(f"dataset {dataset!r} is not prepared ({meta_path} is missing); run: "
-                             f"python3 -m neuromanifold_gpt.data {dataset} --data_dir {data_dir}")
-        try:
-            with open(meta_path, "rb") as f:
-                self.meta = pickle.load(f)
-            self.vocab_size = int(self.meta["vocab_size"])
-            counts = {split: int(self.meta[f"{split}_tokens"]) for split in ("train", "val")}
-        except Exception as e:
-            raise ValueError(f"{meta_path} is corrupt ({e}); prepare the dataset again") from None
-        self.tokens = {}
-        for split in ("train", "val"):
-            path = self.dir / f"{split}.bin"
-            expected = counts[split]
-            size = path.stat().st_size if path.is_file() else -1
-            if size != 2 * expected:
-                state = "missing" if size < 0 else f"{size} bytes, expected {2 * expected}"
-                raise ValueError(f"{path} is {state}; prepare the dataset again: "
-                                 f"python3 -m neuromanifold_gpt.data {dataset} --data_dir {data_dir}")
-            if expected <= block_size:
-                raise ValueError(f"block_size={block_size} is too large for {path} "
-                                 f"({expected} tokens); use --block_size {expected - 1} or less")
-            self.tokens[split] = expected
+        self.meta, self.tokens = open_dataset(data_dir, dataset, block_size)
+        self.vocab_size = self.meta["vocab_size"]
         self.generator = torch.Generator().manual_seed(seed)
 
     def get_batch(self, split: str):
@@ -170,6 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default="data")
     args = parser.parse_args(argv)
     out = Path(args.data_dir) / args.dataset
+    check_output(out / META, "dataset file")  # before the corpus is fetched and encoded
     meta = PREPARERS[args.dataset](out, args.source, args.sha256)
     print(f"{out}: vocab size {meta['vocab_size']:,}, train has {meta['train_tokens']:,} tokens, "
           f"val has {meta['val_tokens']:,} tokens")

@@ -53,6 +53,15 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_world_size(cfg: TrainConfig, world_size: int) -> None:
+    """The settings that depend on the number of processes; torchrun's launcher checks them
+    too, before any process starts."""
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
+                         f"global count of micro-steps and must divide among the {world_size} "
+                         f"ranks; use a multiple of {world_size}")
+
+
 def init(device: torch.device, cfg: TrainConfig) -> tuple[DistInfo, torch.device]:
     """Join torchrun's process group when launched by it; returns this rank's info and device."""
     if not all(k in os.environ for k in _LAUNCHER_ENV):
@@ -61,10 +70,7 @@ def init(device: torch.device, cfg: TrainConfig) -> tuple[DistInfo, torch.device
                              "--nproc_per_node=N train.py ... --fsdp true")
         return DistInfo(), device
     rank, local_rank, world_size = (int(os.environ[k]) for k in _LAUNCHER_ENV)
-    if cfg.gradient_accumulation_steps % world_size:
-        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
-                         f"global count of micro-steps and must divide among the {world_size} "
-                         f"ranks; use a multiple of {world_size}")
+    check_world_size(cfg, world_size)
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"device={device} under torchrun: each rank uses cuda:LOCAL_RANK; use "
@@ -135,6 +141,18 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     total = value.detach().float().reshape(1).clone()
     dist.all_reduce(total)
     return float(total) / dist.get_world_size()
+
+
+def first_failure(error: BaseException | None, device: torch.device) -> str | None:
+    """Every rank's answer to "did any rank fail here?": the first failing rank's message, or
+    None. All ranks must call it at the same point; one all_reduce of a flag when none failed."""
+    if not dist.is_initialized():
+        return None if error is None else str(error)
+    flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    return next(m for m in gather(None if error is None else str(error)) if m is not None)
 
 
 def gather(obj) -> list:

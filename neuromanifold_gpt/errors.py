@@ -3,12 +3,14 @@
     @entry_point
     def main(argv: list[str]) -> int: ...
 
-0 done, 1 verification failed, 2 bad input, 3 CUDA out of memory, 4 the loss became
-non-finite, 130 interrupted. A failure is one line on stderr, never a traceback."""
+0 done, 1 verification failed, 2 bad input (an output that cannot be written included), 3 CUDA
+out of memory, 4 the loss became non-finite, 130 interrupted (Ctrl-C or SIGTERM). A failure is
+one line on stderr, never a traceback."""
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 
@@ -28,12 +30,17 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary files are removed on the way out
+
+
 def entry_point(main: Callable[..., int]) -> Callable[..., int]:
-    """main, with bad input (ValueError), a CUDA OOM, a non-finite loss and Ctrl-C turned
-    into their exit codes and one line on stderr."""
+    """main, with bad input (ValueError), a CUDA OOM, a non-finite loss, Ctrl-C and SIGTERM
+    turned into their exit codes and one line on stderr."""
 
     @functools.wraps(main)
     def guarded(*args, **kwargs) -> int:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return main(*args, **kwargs)
         except ValueError as e:
@@ -46,7 +53,10 @@ def entry_point(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_NON_FINITE
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("error: interrupted; nothing was left half-written (re-run to finish)",
+                  file=sys.stderr)
             return EXIT_INTERRUPTED
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return guarded

@@ -1,17 +1,32 @@
 """Launching training runs: each in a fresh train.py process (on CPU a run's peak is its
 process's peak RSS), or in several through torchrun. The DVC train stage and
 verify_gradient_checkpointing.py both plan their runs with `plan_run`, so both make the same
-runs."""
+runs, and both get train.py's exit codes even through torchrun (which exits 1 for any failed
+rank): settings are checked here before any process starts, and an out-of-memory or a
+diverged loss is read from the metrics the run wrote."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config.cli import parse_args
+from .errors import EXIT_NON_FINITE, EXIT_OOM
 from .params import processes, run_device_type, run_files, training_args
+from .trainer import check_run
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+
+@dataclass
+class PlannedRun:
+    command: list[str]  # train.py, or torchrun over train.py
+    log: Path  # the run's output, kept
+    metrics: Path  # the metrics file train.py writes (oom / nonfinite_loss records too)
 
 
 def training_command(args: list[str], nproc: int = 1) -> list[str]:
@@ -24,22 +39,51 @@ def training_command(args: list[str], nproc: int = 1) -> list[str]:
 
 
 def plan_run(params: dict, size: str, run: str, root: str | Path = ".",
-             overrides: list[str] = ()) -> tuple[list[str], Path]:
+             overrides: list[str] = ()) -> PlannedRun:
     """The command of one run of a size (params.yaml's settings, then `--key value`
-    overrides) and the log it keeps; bad params raise ValueError before anything runs."""
+    overrides), checked as train.py would check it: bad params or settings, a missing
+    dataset or an unwritable output raise ValueError before anything runs or is written."""
     files = run_files(size, run, root)
     device_type = run_device_type(params)
     args = training_args(params, size, run, device_type, files) + list(overrides)
-    return training_command(args, processes(params, device_type)), files["log"]
+    nproc = processes(params, device_type)
+    check_run(parse_args(args), nproc, {"log": files["log"]})
+    return PlannedRun(training_command(args, nproc), files["log"], files["metrics"])
 
 
-def run_training(command: list[str], log_path: Path) -> int:
-    """Run a training command, echo its output and keep it in log_path; returns its exit status."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log, subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def run_training(run: PlannedRun) -> int:
+    """Run a planned training, echo its output and keep it in its log; returns train.py's exit
+    code (see neuromanifold_gpt/errors.py), under torchrun too."""
+    started = time.time_ns()
+    run.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.log, "w") as log, subprocess.Popen(
+            run.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-    return proc.returncode
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        except BaseException:  # Ctrl-C or SIGTERM here: the run stops too, cleaning up
+            proc.terminate()
+            raise
+    return _status(proc.returncode, run.metrics, started)
+
+
+def _status(returncode: int, metrics: Path, started_ns: int) -> int:
+    """An exit status made train.py's: a run that failed and recorded an out-of-memory or a
+    non-finite loss in this launch's metrics gets that exit code."""
+    if returncode == 0:
+        return 0
+    try:
+        if metrics.stat().st_mtime_ns < started_ns:
+            return returncode  # an older run's file
+        record = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return returncode
+    if not isinstance(record, dict):
+        return returncode
+    if record.get("oom") is True:
+        return EXIT_OOM
+    if record.get("nonfinite_loss") is True:
+        return EXIT_NON_FINITE
+    return returncode

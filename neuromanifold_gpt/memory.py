@@ -2,11 +2,13 @@
 
 CUDA: the caching allocator's counters (`max_memory_allocated` / `max_memory_reserved`).
 CPU: the process's peak resident set (VmHWM in /proc/self/status), reset by writing 5 to
-/proc/self/clear_refs; where that is impossible, getrusage's lifetime peak (not resettable)."""
+/proc/self/clear_refs; where the reset fails the source says the peak is the lifetime one, and
+without /proc it is getrusage's lifetime peak (not resettable)."""
 
 from __future__ import annotations
 
 import resource
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -34,19 +36,26 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
-def _reset_cpu_peak() -> None:
+def _reset_cpu_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
     except OSError:
-        pass  # not Linux: measure() falls back to the lifetime peak and says so
+        return False  # not Linux, or /proc read-only: the peak stays the lifetime one
 
 
-def reset_peak(device: torch.device) -> None:
+def reset_peak(device: torch.device) -> bool:
+    """Start the peak afresh; False when that is impossible (the peak is then the lifetime one)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _reset_cpu_peak()
+        return True
+    return _reset_cpu_peak()
+
+
+def lifetime(source: str) -> str:
+    """A source whose peak could not be reset, named as what it then is."""
+    return source if "lifetime" in source else f"{source}, lifetime peak: reset failed"
 
 
 def measure(device: torch.device) -> MemoryReading:
@@ -58,7 +67,8 @@ def measure(device: torch.device) -> MemoryReading:
             torch.cuda.max_memory_reserved(device) / GIB, "torch.cuda.max_memory_allocated")
     rss, hwm = _proc_status_kb("VmRSS"), _proc_status_kb("VmHWM")
     if rss is None or hwm is None:  # not Linux: lifetime peak only
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / GIB
         return MemoryReading(peak, peak, peak, peak, "getrusage ru_maxrss (lifetime peak RSS)")
     rss_gb, hwm_gb = rss / 1024**2, hwm / 1024**2
     return MemoryReading(rss_gb, rss_gb, hwm_gb, hwm_gb, "process peak RSS (VmHWM)")
@@ -77,9 +87,13 @@ class MemoryMonitorCallback:
         self.peak_gb = self.peak_reserved_gb = self.interval_peak_gb = 0.0
         self.source = measure(device).source
 
+    def reset(self) -> None:
+        if not reset_peak(self.device):
+            self.source = lifetime(self.source)
+
     def on_warmup_end(self) -> None:
         self.interval_peak_gb = measure(self.device).peak_gb  # logged, not counted in peak_gb
-        reset_peak(self.device)
+        self.reset()
 
     def on_step_end(self, iter_num: int) -> None:
         m = measure(self.device)
@@ -87,7 +101,7 @@ class MemoryMonitorCallback:
         self.peak_gb = max(self.peak_gb, m.peak_gb)
         self.peak_reserved_gb = max(self.peak_reserved_gb, m.peak_reserved_gb)
         self.interval_peak_gb = max(self.interval_peak_gb, m.peak_gb)
-        reset_peak(self.device)
+        self.reset()
 
     def on_log(self, record: dict) -> None:
         m = measure(self.device)

@@ -15,8 +15,13 @@ from .device import device_name
 from .files import write_json, write_tsv
 from .provenance import run_provenance
 
-# Dense bf16 peak FLOP/s by device name, for MFU (the vendor's datasheet figures).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Dense bf16 peak FLOP/s by the exact name torch.cuda.get_device_name gives, for MFU (the
+# vendor's datasheet figures, half the "with sparsity" ones). Matched whole: "NVIDIA L40S" is
+# not an L4. A device not listed reports no MFU.
+PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+              "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+              "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+              "NVIDIA L4": 121e12, "NVIDIA A10": 125e12}
 TRACE_HEADER = ["step", "loss", "peak_memory_gb", "peak_reserved_gb"]  # memory_trace_file's columns
 
 
@@ -28,7 +33,7 @@ def flops_per_token(model) -> float:
 
 def peak_flops(device: torch.device, world_size: int) -> float | None:
     """The run's peak FLOP/s over all devices (None when the device is not in PEAK_FLOPS)."""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name(device)), None)
+    peak = PEAK_FLOPS.get(device_name(device))
     return peak * world_size if peak else None  # tokens per iteration are global: MFU per device
 
 
@@ -119,6 +124,7 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         "final_val_loss": evals.get("val"),
         "last_step_loss": losses[-1][1] if losses else None,
         "oom": False,
+        "nonfinite_loss": False,
         "_losses": losses,
     }
 
@@ -139,9 +145,19 @@ def oom_record(trainer, error: Exception) -> tuple[dict, str]:
     return metrics, message
 
 
+def nonfinite_record(trainer, error: Exception) -> dict:
+    """After the loss became NaN or infinite: the run's metrics, saying at which step."""
+    t = trainer
+    return {"preset": t.cfg.preset, "oom": False, "nonfinite_loss": True,
+            "nonfinite_step": t.iter_num, "error": str(error), "batch_size": t.batch_size,
+            "block_size": t.block_size, "learning_rate": t.cfg.learning_rate,
+            "device": t.device.type, "device_name": device_name(t.device), "torch_version": torch.__version__}
+
+
 def write_run_files(cfg: TrainConfig, metrics: dict, trace_rows: list[tuple]) -> None:
-    """metrics_file and memory_trace_file, each when set."""
-    if cfg.metrics_file:
-        write_json(cfg.metrics_file, metrics)
+    """memory_trace_file and then metrics_file, each when set: a metrics file means the run
+    ended and everything it wrote is complete."""
     if cfg.memory_trace_file:
         write_tsv(cfg.memory_trace_file, TRACE_HEADER, trace_rows)
+    if cfg.metrics_file:
+        write_json(cfg.metrics_file, metrics)

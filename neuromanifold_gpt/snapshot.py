@@ -1,9 +1,10 @@
 """Snapshots for init_from=resume: model and optimizer state (full, unsharded), the step and
 every rank's RNG state (each rank has its own data stream and dropout masks), in one file
-read back with weights_only=True."""
+read back with weights_only=True. A file that is not such a snapshot is one clear error."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +12,14 @@ import torch
 from . import distributed
 from .distributed import DistInfo
 from .files import atomic_path
+
+KEYS = ("model", "optimizer", "iter_num", "config", "rng")
+# the settings that shape the model's tensors, named when a snapshot does not fit the model
+MODEL_SETTINGS = ("preset", "dataset", "n_layer", "n_head", "n_embd", "bias", "block_size")
+
+
+def snapshot_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "snapshot.pt"
 
 
 def save_snapshot(path: Path, model, optimizer, generator: torch.Generator, iter_num: int,
@@ -26,24 +35,63 @@ def save_snapshot(path: Path, model, optimizer, generator: torch.Generator, iter
     state = {"model": model_state, "optimizer": optimizer_state, "iter_num": iter_num,
              "config": config, "rng": rng_per_rank}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as RuntimeError
+            raise OSError(str(e).splitlines()[0]) from None
 
 
-def load_snapshot(path: Path, model, optimizer, generator: torch.Generator, device: torch.device,
-                  dist: DistInfo) -> int:
-    """Restore the state save_snapshot wrote; returns the step to resume from."""
+def _unreadable(path: Path, why: str) -> ValueError:
+    return ValueError(f"snapshot {path} {why}; delete it and train again with --save_snapshot true, "
+                      f"or use --init_from scratch")
+
+
+def _read(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"init_from=resume but {path} does not exist; train with "
                          f"--save_snapshot true first or use --init_from scratch")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.stat().st_size == 0:
+        raise _unreadable(path, "is empty")
+    try:
+        with warnings.catch_warnings():  # torch warns about files it is about to refuse
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's message advises weights_only=False, which must never be taken
+        raise _unreadable(path, "is truncated or not a snapshot written by train.py") from None
+    if not isinstance(state, dict) or not set(KEYS) <= set(state):
+        raise _unreadable(path, "is not a snapshot written by train.py")
+    return state
+
+
+def load_snapshot(path: Path, model, optimizer, generator: torch.Generator, device: torch.device,
+                  dist: DistInfo, config: dict) -> int:
+    """Restore the state save_snapshot wrote; returns the step to resume from. `config` is
+    this run's (TrainConfig.to_dict()), to name the settings a mismatched snapshot differs in."""
+    state = _read(path)
+    if not isinstance(state["rng"], list):
+        raise _unreadable(path, "is not a snapshot written by train.py")
     if len(state["rng"]) != dist.world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} process(es), "
                          f"this run has {dist.world_size}; resume with the same number "
                          f"(torchrun --nproc_per_node) or use --init_from scratch")
-    distributed.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
-    rng = state["rng"][dist.rank]
-    torch.set_rng_state(rng["cpu"])
-    generator.set_state(rng["data"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return state["iter_num"]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    if saved != shapes:
+        old = state["config"] if isinstance(state["config"], dict) else {}
+        differ = [f"{k} {old.get(k)} vs {config.get(k)}" for k in MODEL_SETTINGS
+                  if old.get(k) != config.get(k)]
+        raise ValueError(f"snapshot {path} holds another model "
+                         f"({', '.join(differ) or 'other tensor shapes'}); resume with the settings "
+                         f"it was saved with, or use --init_from scratch")
+    try:
+        distributed.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
+        rng = state["rng"][dist.rank]
+        torch.set_rng_state(rng["cpu"])
+        generator.set_state(rng["data"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        return int(state["iter_num"])
+    except torch.cuda.OutOfMemoryError:
+        raise  # the OOM path reports it
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise _unreadable(path, f"does not fit this run ({type(e).__name__})") from None

@@ -6,6 +6,8 @@ The optimizer and schedule (optim.py), snapshots (snapshot.py) and what a run re
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import time
 from pathlib import Path
 
@@ -14,14 +16,19 @@ import torch
 from . import build_model, distributed, levers, planner, reporting
 from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
-from .data import BatchLoader
+from .data import BatchLoader, open_dataset
 from .device import resolve_device
-from .errors import TrainingOOM
+from .errors import NonFiniteLoss, TrainingOOM
+from .files import check_outputs, sweep_stale_temps
 from .memory import MemoryMonitorCallback
 from .optim import lr_at, make_optimizer
 from .predictor import device_memory_gb
-from .snapshot import load_snapshot, save_snapshot
+from .snapshot import load_snapshot, save_snapshot, snapshot_path
 from .timeline import StepTimelineCallback, write_timeline
+
+
+class RanksOutOfMemory(RuntimeError):
+    """Some rank ran out of CUDA memory at a point every rank reached: all stop, rank 0 reports."""
 
 
 class Trainer:
@@ -32,7 +39,6 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main  # only rank 0 prints
         self.free_gb, self.device_gb = device_memory_gb(self.device)  # before the model exists
         _, self.block_size = cfg.resolved_batch(self.device.type)
-        torch.manual_seed(cfg.seed)
         self.loader = BatchLoader(cfg.data_dir, cfg.dataset, 1, self.block_size,
                                   self.device, seed=cfg.seed + self.dist.rank)  # own stream per rank
         # compile, lean loss, batch and a budget's plan, where cfg leaves them to the machine;
@@ -52,22 +58,51 @@ class Trainer:
                              f"--compile true or the budget to 1")
         self.prediction = self.setup.prediction
         self.recommended_batch_size = self.setup.recommended
-        self.model = build_model(self.model_config).to(self.device)
-        self.layers = checkpointed_layers(self.model_config)
-        if self.dist.world_size > 1:
-            torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
-        # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2)
-        self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.memory = MemoryMonitorCallback(self.device)
         self.callbacks = [self.memory] + list(callbacks or [])
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 else contextlib.nullcontext())
         self.iter_num = 0
-        self.snapshot_path = Path(cfg.out_dir) / "snapshot.pt"
+        self.snapshot_path = snapshot_path(cfg.out_dir)
+        self.apart = False  # ranks may be waiting in different collectives (no agreement then)
+        self.model = self.wrapped = None
+
+    def build(self) -> None:
+        """Where device memory is first taken: the model on the device, compiled and wrapped,
+        its optimizer and (init_from=resume) the snapshot's state."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model = self.agreed(lambda: build_model(self.model_config).to(self.device))
+        self.layers = checkpointed_layers(self.model_config)
+        if self.dist.world_size > 1:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
+        # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2);
+        # DDP's constructor broadcasts the weights
+        self.apart = True
+        self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
+        self.apart = False
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
         if cfg.init_from == "resume":
-            self.iter_num = load_snapshot(self.snapshot_path, self.model, self.optimizer,
-                                          self.loader.generator, self.device, self.dist)
+            self.apart = self.dist.parallelism == "fsdp"  # FSDP2 scatters the loaded state
+            self.iter_num = self.agreed(lambda: load_snapshot(
+                self.snapshot_path, self.model, self.optimizer, self.loader.generator,
+                self.device, self.dist, cfg.to_dict()))
+            self.apart = False
+
+    def agreed(self, work):
+        """work(), then every rank learns whether any rank ran out of CUDA memory in it, so
+        that all stop together instead of waiting for dist_timeout in a collective."""
+        error, result = None, None
+        try:
+            result = work()
+        except torch.cuda.OutOfMemoryError as e:
+            if self.apart and self.dist.world_size > 1:
+                raise  # the others wait in a collective this rank cannot join: it reports alone
+            error = e
+        message = distributed.first_failure(error, self.device)
+        if message is not None:
+            raise RanksOutOfMemory(message)
+        return result
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -93,13 +128,15 @@ class Trainer:
         return out
 
     # -- training ----------------------------------------------------------------------
-    def train_step(self) -> float:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns this
+        rank's loss."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.iter_num, cfg)
         total = 0.0
         micro_steps = cfg.gradient_accumulation_steps // self.dist.world_size  # per rank
+        self.apart = True  # forward and backward: DDP all-reduces, FSDP2 gathers and scatters
         for k in range(micro_steps):
             x, y = self.loader.get_batch("train")
             with distributed.sync_gradients(self.wrapped, sync=k == micro_steps - 1):
@@ -107,11 +144,33 @@ class Trainer:
                     loss = self.wrapped(x, y)[1] / micro_steps  # the logits are not kept
                 loss.backward()
             total += loss.detach()
+        self.apart = False
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return distributed.mean_over_ranks(total)  # the loss of the global batch
+        return total
+
+    def step(self, first: bool) -> tuple[torch.Tensor, float]:
+        """A step and the memory callbacks after it; returns this rank's loss and the step's
+        time in seconds."""
+        t0 = time.perf_counter()
+        loss = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        if first:  # warm-up done: the optimizer state exists, compile has run
+            for cb in self.callbacks:
+                getattr(cb, "on_warmup_end", lambda: None)()
+        else:
+            for cb in self.callbacks:
+                getattr(cb, "on_step_end", lambda i: None)(self.iter_num)
+        return loss, dt
+
+    def nonfinite_message(self, where: str, value: float) -> str:
+        return (f"the {where} loss became {value} at step {self.iter_num}; training diverged: lower "
+                f"--learning_rate (now {self.cfg.learning_rate:g}), raise --warmup_iters or set "
+                f"--grad_clip (the metrics record the step)")
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -126,6 +185,9 @@ class Trainer:
             at_end = self.iter_num >= cfg.max_iters
             if at_end or (self.iter_num > start_iter and self.iter_num % cfg.eval_interval == 0):
                 evals = self.estimate_loss()
+                bad = [v for v in evals.values() if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteLoss(self.nonfinite_message("evaluation", bad[0]))
                 self.log(f"step {self.iter_num}: train loss {evals['train']:.4f}, "
                          f"val loss {evals['val']:.4f}")
                 if cfg.save_snapshot:
@@ -134,20 +196,14 @@ class Trainer:
                                   self.dist)
             if at_end:
                 break
-            t0 = time.perf_counter()
-            loss = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
+            local_loss, dt = self.agreed(functools.partial(self.step, first))
+            loss = distributed.mean_over_ranks(local_loss)  # the loss of the global batch
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(self.nonfinite_message("training", loss))
             losses.append((self.iter_num, loss))
-            if first:  # warm-up done: the optimizer state exists, compile has run
-                for cb in self.callbacks:
-                    getattr(cb, "on_warmup_end", lambda: None)()
-                first = False
-            else:
+            if not first:
                 step_times.append(dt)
-                for cb in self.callbacks:
-                    getattr(cb, "on_step_end", lambda i: None)(self.iter_num)
+            first = False
             if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters - 1:
                 record = {"iter": self.iter_num, "loss": loss, "time_ms": dt * 1000,
                           "tokens_per_sec": tokens_per_iter / dt}
@@ -163,22 +219,54 @@ class Trainer:
         return reporting.run_metrics(self, step_times, losses, evals, tokens_per_iter, peak_flops)
 
 
+def run_outputs(cfg: TrainConfig) -> dict[str, str | Path]:
+    """The files a run writes, by the setting that names them ("" = not written)."""
+    return {"metrics_file": cfg.metrics_file, "memory_trace_file": cfg.memory_trace_file,
+            "memory_timeline_file": cfg.memory_timeline_file,
+            "out_dir": snapshot_path(cfg.out_dir) if cfg.save_snapshot else ""}
+
+
+def check_run(cfg: TrainConfig, world_size: int = 1, more_outputs: dict | None = None) -> None:
+    """What a run would refuse, checked without starting it (launch.py, before torchrun starts
+    any process): the device, the world size, the outputs, the dataset."""
+    device, _ = resolve_device(cfg)
+    distributed.check_world_size(cfg, world_size)
+    check_outputs(run_outputs(cfg) | (more_outputs or {}))
+    open_dataset(cfg.data_dir, cfg.dataset, cfg.resolved_batch(device.type)[1])
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) -> dict:
-    """Run training; write metrics_file, memory_trace_file and memory_timeline_file when set.
-    Returns the metrics."""
+    """Run training; write memory_trace_file, memory_timeline_file and then metrics_file when
+    set (a failed run writes its record instead). Returns the metrics. Every output path is
+    checked before any work; every way out leaves the process group."""
     if cfg.memory_timeline_file:
         callbacks = [*(callbacks or []), StepTimelineCallback(cfg.memory_timeline_file)]
-    trainer = Trainer(cfg, callbacks, quiet)
+    outputs = run_outputs(cfg)
+    check_outputs(outputs)
+    for path in filter(None, outputs.values()):
+        sweep_stale_temps(path)  # left by a run killed mid-write
+    trainer = None
     try:
-        metrics = trainer.run()
-    except torch.cuda.OutOfMemoryError as e:
-        metrics, message = reporting.oom_record(trainer, e)
-        reporting.write_run_files(cfg, metrics, [])  # no step finished: an empty trace, not a missing one
-        if cfg.memory_timeline_file:
-            write_timeline(cfg.memory_timeline_file, [])
-        raise TrainingOOM(message) from None
-    trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
-    distributed.close()  # every rank is past its last collective
+        trainer = Trainer(cfg, callbacks, quiet)
+        try:
+            trainer.build()
+            metrics = trainer.run()
+        except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
+            record, message = reporting.oom_record(trainer, e)
+            # agreed: rank 0 writes; a rank that ran out alone (mid-step) writes its own record
+            if trainer.dist.is_main or not isinstance(e, RanksOutOfMemory):
+                reporting.write_run_files(cfg, record, [])  # no step finished: an empty trace
+                if cfg.memory_timeline_file:
+                    write_timeline(cfg.memory_timeline_file, [])
+            raise TrainingOOM(message) from None
+        except NonFiniteLoss as e:  # every rank sees the same (all-reduced) loss
+            if trainer.dist.is_main:
+                reporting.write_run_files(cfg, reporting.nonfinite_record(trainer, e), [])
+            raise
+    finally:
+        if trainer is not None:
+            trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
+        distributed.close()
     losses = metrics.pop("_losses")
     if trainer.dist.is_main:  # rank 0's own steps
         peaks = {i: (p, r) for i, p, r in trainer.memory.trace}

@@ -46,27 +46,76 @@ class Criteria:
         return cls(**verify_criteria(params, device_type, size))
 
 
+def _bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# What each field read from a run's metrics must be (a wrong type or range is a corrupt file,
+# never a verdict): the test, and what it expects, in words.
+FIELD_CHECKS = {
+    "oom": (_bool, "true or false"),
+    "nonfinite_loss": (_bool, "true or false"),
+    "gradient_checkpointing": (_bool, "true or false"),
+    "compile": (_bool, "true or false"),
+    "lean_loss": (_bool, "true or false"),
+    "offload_activations": (_bool, "true or false"),
+    "optimizer_in_backward": (_bool, "true or false"),
+    "peak_memory_gb": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "step_time_ms": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "final_train_loss": (_number, "a finite number"),
+    "final_val_loss": (_number, "a finite number"),
+    "last_step_loss": (_number, "a finite number"),
+    "activation_memory_budget": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
+    **{k: (_count, "a whole number > 0") for k in ("params", "batch_size", "block_size",
+                                                   "gradient_accumulation_steps", "iters",
+                                                   "world_size")},
+    **{k: (lambda v: isinstance(v, str), "a string") for k in (
+        "preset", "policy", "dtype", "device_name", "torch_version", "peak_memory_source")},
+}
+
+
 def read_run(path: str | Path) -> dict:
-    """One run's metrics, checked to hold what the comparison needs."""
+    """One run's metrics, checked to hold what the comparison needs, each field of the right
+    type and range."""
     data = read_json(path, required=("oom", "preset"))
-    if data["oom"]:
-        return data
-    data = read_json(path, required=RUN_KEYS)
-    for key in ("peak_memory_gb", "step_time_ms", "final_train_loss", "final_val_loss",
-                "last_step_loss"):
-        value = data[key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"metrics file {path}: {key} is {value!r}, not a number; re-run the "
-                             f"training with max_iters >= 2 (the first step is warm-up)")
+    data.setdefault("nonfinite_loss", False)  # metrics written before it was recorded
+    if data["nonfinite_loss"] is True:
+        keys = ("oom", "nonfinite_loss", "preset")
+    elif data["oom"] is True:
+        keys = ("oom", "nonfinite_loss", "preset")
+    else:
+        keys = RUN_KEYS + ("oom", "nonfinite_loss")
+        data = read_json(path, required=RUN_KEYS) | data
+        if data["step_time_ms"] is None:
+            raise ValueError(f"metrics file {path} has no step time; re-run the training with "
+                             f"max_iters >= 2 (the first step is warm-up)")
+    for key in keys:
+        check, expected = FIELD_CHECKS.get(key, (lambda v: True, ""))
+        if not check(data[key]):
+            raise ValueError(f"metrics file {path}: {key} is {data[key]!r}, not {expected}; it is "
+                             f"corrupt: re-run the training that writes it")
+    if data["nonfinite_loss"] and not isinstance(data.get("nonfinite_step"), int):
+        raise ValueError(f"metrics file {path}: nonfinite_step is {data.get('nonfinite_step')!r}, "
+                         f"not a step number; re-run the training that writes it")
     return data
 
 
 def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> dict:
     """The verdict on one size's pair, as a flat dict (an entry of metrics/verify.json)."""
-    if not optimized["oom"] and not optimized["gradient_checkpointing"]:
+    ran_through = not (baseline.get("nonfinite_loss") or optimized.get("nonfinite_loss"))
+    if ran_through and not optimized["oom"] and not optimized["gradient_checkpointing"]:
         raise ValueError(f"the checkpointed run of {size} had gradient_checkpointing off; set "
                          f"checkpointing.gradient_checkpointing: true in params.yaml")
-    if not baseline["oom"] and baseline["gradient_checkpointing"]:
+    if ran_through and not baseline["oom"] and baseline["gradient_checkpointing"]:
         raise ValueError(f"the baseline run of {size} had gradient_checkpointing on; it must be off")
     for key, what in PROVENANCE.items():
         if baseline.get(key) != optimized.get(key):
@@ -74,7 +123,12 @@ def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> d
                              f"{baseline.get(key)} vs {optimized.get(key)}); re-measure both: "
                              f"dvc repro --force")
     figures = dict.fromkeys(("reduction_gb", "reduction_pct", "step_time_ratio", "loss_diff"))
-    if optimized["oom"]:
+    diverged = [(name, r) for name, r in (("baseline", baseline), ("checkpointed", optimized))
+                if r.get("nonfinite_loss")]
+    if diverged:
+        name, r = diverged[0]
+        verdict = f"✗ FAILURE: the {name} run's loss became non-finite at step {r['nonfinite_step']}"
+    elif optimized["oom"]:
         verdict = "✗ FAILURE: the checkpointed run ran out of memory"
     elif baseline["oom"]:
         verdict = "✓ SUCCESS: the baseline ran out of memory; with checkpointing the run fits"
@@ -89,11 +143,11 @@ def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> d
                    "loss_diff": max(abs(baseline[k] - optimized[k]) for k in
                                     ("final_train_loss", "final_val_loss", "last_step_loss"))}
         verdict = _verdict(figures, criteria)
-    ran = baseline if optimized["oom"] else optimized
+    ran = baseline if optimized["oom"] or optimized.get("nonfinite_loss") else optimized
     return {"size": size, "passed": verdict.startswith("✓"), "verdict": verdict,
             "baseline_oom": bool(baseline["oom"]), "optimized_oom": bool(optimized["oom"]),
-            "baseline_peak_gb": None if baseline["oom"] else baseline["peak_memory_gb"],
-            "optimized_peak_gb": None if optimized["oom"] else optimized["peak_memory_gb"],
+            "baseline_peak_gb": baseline.get("peak_memory_gb"),
+            "optimized_peak_gb": optimized.get("peak_memory_gb"),
             **figures, **{k: ran.get(k) for k in DESCRIBED}, **asdict(criteria)}
 
 
@@ -115,20 +169,20 @@ def _verdict(figures: dict, criteria: Criteria) -> str:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-def _gb(value) -> str:
-    return "out of memory" if value is None else f"{value:.3f} GB"
+def _gb(value, oom: bool) -> str:
+    return "out of memory" if oom else "n/a (the run diverged)" if value is None else f"{value:.3f} GB"
 
 
 def results_block(result: dict) -> str:
     """The RESULTS block for one size."""
     if result["reduction_gb"] is None:
-        reduction = "n/a (a run ran out of memory)"
+        reduction = "n/a (a run did not finish)"
     else:
         reduction = f"{result['reduction_gb']:.3f} GB ({result['reduction_pct']:.1f}%)"
     return "\n".join([
         "RESULTS", RULE, "",
-        f"  {'Baseline peak memory:':<25}{_gb(result['baseline_peak_gb'])}",
-        f"  {'Optimized peak memory:':<25}{_gb(result['optimized_peak_gb'])}",
+        f"  {'Baseline peak memory:':<25}{_gb(result['baseline_peak_gb'], result['baseline_oom'])}",
+        f"  {'Optimized peak memory:':<25}{_gb(result['optimized_peak_gb'], result['optimized_oom'])}",
         f"  {'Memory reduction:':<25}{reduction}", "",
         f"  {result['verdict']}", "",
         "VERIFICATION PASSED ✓" if result["passed"] else "VERIFICATION FAILED ✗",
@@ -181,8 +235,8 @@ def verify_pairs(params: dict, sizes: list[str], root: str | Path = ".") -> list
     results = []
     for size in sizes:
         baseline, optimized = (read_run(run_files(size, run, root)["metrics"]) for run in RUNS)
-        ran = baseline if optimized["oom"] else optimized
-        device_type = ran.get("device", "cuda")  # only CUDA runs out of memory, recording no device
+        # only CUDA runs out of memory, and an OOM record names no device
+        device_type = next((r["device"] for r in (optimized, baseline) if "device" in r), "cuda")
         results.append(compare(size, baseline, optimized,
                                Criteria.from_params(params, device_type, size)))
     return results

@@ -25,8 +25,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("size", help="a key of params.yaml's sizes")
     parser.add_argument("run", choices=RUNS)
     args = parser.parse_args(argv)
-    command, log = plan_run(load_params("train", "sizes", "checkpointing"), args.size, args.run)
-    status = run_training(command, log)  # train.nproc > 1: through torchrun
+    run = plan_run(load_params("train", "sizes", "checkpointing"), args.size, args.run)
+    status = run_training(run)  # train.nproc > 1: through torchrun
     return 0 if status == EXIT_OOM else status  # an OOM is a result: its metrics say oom: true
 
 

@@ -4,7 +4,7 @@ gives nanoGPT's published token counts."""
 import hashlib
 import importlib.metadata
 import inspect
-import pickle
+import json
 
 import numpy as np
 import pytest
@@ -64,7 +64,7 @@ def test_without_the_source_package_the_error_names_it(offline, monkeypatch):
 def test_shakespeare_bpe_counts(offline, tmp_path, corpus):
     assert data.main(["shakespeare", "--source", str(corpus), "--data_dir", str(tmp_path)]) == 0
     out = tmp_path / "shakespeare"
-    assert pickle.loads((out / "meta.pkl").read_bytes())["vocab_size"] == 50257
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 50257
     assert len(np.fromfile(out / "train.bin", dtype=np.uint16)) == 301_966
     val = np.fromfile(out / "val.bin", dtype=np.uint16)
     assert len(val) == 36_059

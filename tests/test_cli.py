@@ -1,6 +1,6 @@
 """The nanoGPT-style CLI: overrides, types, and one clear line (exit 2) for every bad input."""
 
-import pickle
+import json
 import subprocess
 import sys
 
@@ -67,8 +67,8 @@ def test_missing_or_truncated_dataset(damage, tiny_args, data_dir, tmp_path, cap
     train_bin = copy / "tiny" / "train.bin"
     if damage == "missing":
         train_bin.unlink()
-    elif damage == "meta without counts":  # as nanoGPT's own prepare scripts write it
-        (copy / "tiny" / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
+    elif damage == "meta without counts":
+        (copy / "tiny" / "meta.json").write_text(json.dumps({"vocab_size": 65}))
     else:
         train_bin.write_bytes(train_bin.read_bytes()[:1000])
     code = train.main(tiny_args + ["--data_dir", str(copy), "--metrics_file", str(tmp_path / "m.json")])

@@ -1,8 +1,8 @@
 """Data preparation gives nanoGPT's published counts; the corpus comes from a URL or, offline,
 from $NEUROMANIFOLD_CORPUS; bad sources fail with a clear error."""
 
+import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -18,11 +18,11 @@ def test_shakespeare_char_counts(tmp_path, monkeypatch, corpus):
     monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
     assert data.main(["shakespeare_char", "--source", str(corpus), "--data_dir", str(tmp_path)]) == 0
     out = tmp_path / "shakespeare_char"
-    meta = pickle.loads((out / "meta.pkl").read_bytes())
+    meta = json.loads((out / "meta.json").read_text())
     assert meta["vocab_size"] == 65
     assert len(np.fromfile(out / "train.bin", dtype=np.uint16)) == 1_003_854
     assert len(np.fromfile(out / "val.bin", dtype=np.uint16)) == 111_540
-    assert "".join(meta["itos"][i] for i in np.fromfile(out / "val.bin", dtype=np.uint16)[:5]) == \
+    assert "".join(meta["vocab"][i] for i in np.fromfile(out / "val.bin", dtype=np.uint16)[:5]) == \
         corpus.read_text()[1_003_854:1_003_859]
     # the verified corpus is cached: a later prepare works offline from the canonical URL
     assert data.main(["shakespeare_char", "--data_dir", str(tmp_path / "again")]) == 0
@@ -34,7 +34,7 @@ def test_the_environment_variable_hands_a_url_source_a_local_corpus(tmp_path, mo
     monkeypatch.setenv(data.CORPUS_ENV, str(path))
     args = ["shakespeare_char", "--source", OFFLINE_URL, "--sha256", sha256]
     assert data.main(args + ["--data_dir", str(tmp_path)]) == 0
-    meta = pickle.loads((tmp_path / "shakespeare_char" / "meta.pkl").read_bytes())
+    meta = json.loads((tmp_path / "shakespeare_char" / "meta.json").read_text())
     assert meta["train_tokens"] + meta["val_tokens"] == len(path.read_text())
     # copied into the cache: without the variable, the same source still prepares offline
     monkeypatch.delenv(data.CORPUS_ENV)

@@ -51,6 +51,7 @@ def reference(args):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks
     trainer = Trainer(parse_args(args), quiet=True)
+    trainer.build()
     cfg = trainer.cfg
     streams = [trainer.loader.get_batch] + [
         BatchLoader(cfg.data_dir, cfg.dataset, trainer.batch_size, trainer.block_size,
@@ -132,7 +133,7 @@ def test_resume_with_another_world_size_is_a_clear_error(args, tmp_path):
     out = ["--out_dir", str(tmp_path / "out")]
     run_ranks(args + out + ["--max_iters", "1", "--save_snapshot", "true"], tmp_path)
     with pytest.raises(ValueError, match="written by 2 process"):
-        Trainer(parse_args(args + out + ["--init_from", "resume"]), quiet=True)
+        train(parse_args(args + out + ["--init_from", "resume"]), quiet=True)
 
 
 def test_bad_distributed_settings_are_clear_errors(args, monkeypatch, capsys):

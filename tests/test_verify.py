@@ -2,6 +2,7 @@
 and the verify stage's exit codes (0 pass, 1 fail, 2 missing or corrupt metrics)."""
 
 import json
+import re
 import runpy
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from neuromanifold_gpt.data import write_dataset
-from neuromanifold_gpt.verify import Criteria, compare, report, results_block
+from neuromanifold_gpt.verify import Criteria, compare, report, results_block, verify_pairs
 from tests.conftest import ROOT
 
 CUDA = Criteria(threshold_pct=20, expected_range_pct=(20, 40), loss_tolerance=0.02)
@@ -175,3 +176,59 @@ def test_stage_refuses_bad_metrics(stage_dir, capsys, damage, message):
 def test_a_saving_from_another_lever_is_not_credited_to_checkpointing():
     with pytest.raises(ValueError, match="differ in lean_loss"):
         compare("gpt2", run(12.5, False), run(3.0, True, lean_loss=True), CUDA)
+
+
+def test_a_reduction_equal_to_the_threshold_is_not_above_it():
+    result = compare("gpt2", run(10.0, False), run(8.0, True), CUDA)
+    assert result["reduction_pct"] == 20.0 and result["passed"] is False
+    assert compare("gpt2", run(10.0, False), run(7.99, True), CUDA)["passed"] is True
+
+
+@pytest.mark.parametrize("optimized_loss", [1.9, 2.1])
+def test_a_loss_difference_fails_in_either_direction(optimized_loss):
+    result = compare("gpt2", run(12.5, False), run(8.75, True, loss=optimized_loss), CUDA)
+    assert result["loss_diff"] == pytest.approx(0.1) and result["passed"] is False
+
+
+BAD_FIELDS = [("oom", "yes", "true or false"), ("oom", 0, "true or false"),
+              ("peak_memory_gb", -3.0, "a number > 0"), ("peak_memory_gb", 0, "a number > 0"),
+              ("step_time_ms", 0.0, "a number > 0"), ("final_val_loss", float("nan"), "a finite number"),
+              ("last_step_loss", "2.0", "a finite number"),
+              ("gradient_checkpointing", "true", "true or false"),
+              ("batch_size", 0, "a whole number > 0"), ("params", 1.5e8, "a whole number > 0"),
+              ("activation_memory_budget", 2, "a number in [0, 1]"), ("device", "gpu", "cpu or cuda")]
+
+
+@pytest.mark.parametrize("field, value, expected", BAD_FIELDS)
+@pytest.mark.parametrize("which", ["baseline", "checkpointed"])
+def test_verify_refuses_fields_of_the_wrong_type_or_range(field, value, expected, which, tmp_path):
+    runs = {"baseline": run(12.5, False), "checkpointed": run(8.75, True)}
+    runs[which][field] = value
+    for name, data in runs.items():
+        path = tmp_path / "metrics" / "train" / "gpt2" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))  # NaN as JSON's non-standard NaN, as json.dumps writes it
+    params = {"verify": {"threshold_pct": 20, "expected_range_pct": [20, 40], "loss_tolerance": 0.02}}
+    with pytest.raises(ValueError, match=rf"{which}.json: {field} is .*, not {re.escape(expected)}"):
+        verify_pairs(params, ["gpt2"], tmp_path)
+
+
+def test_a_diverged_run_is_a_failure_not_a_comparison():
+    diverged = {"oom": False, "nonfinite_loss": True, "nonfinite_step": 7, "preset": "gpt2"}
+    result = compare("gpt2", run(12.5, False), diverged, CUDA)
+    assert result["passed"] is False
+    assert result["verdict"] == "✗ FAILURE: the checkpointed run's loss became non-finite at step 7"
+
+
+@pytest.mark.parametrize("field, value", [("oom", "yes"), ("peak_memory_gb", -1.0), ("step_time_ms", 0)])
+def test_stage_refuses_fooling_metrics_and_keeps_verify_json(stage_dir, capsys, field, value):
+    stage_dir(5)
+    assert VERIFY_STAGE() == 0
+    kept = Path("metrics/verify.json").read_bytes()
+    metrics = Path("metrics/train/tiny/baseline.json")
+    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {field: value}))
+    capsys.readouterr()
+    assert VERIFY_STAGE() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and field in err
+    assert Path("metrics/verify.json").read_bytes() == kept

@@ -34,6 +34,20 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name}={value} must be > 0")
 
 
+def _check_range(name: str, value, low: float, high: float, high_open: bool = False) -> None:
+    if value is not None and not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{name}={value} must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def _check_finite(section) -> None:
+    """Every float field of a config section is a finite number: inf or nan would train to a
+    NaN loss instead of failing here."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value} must be a finite number")
+
+
 @dataclass
 class ActivationCheckpoint:
     """Which activations are recomputed in backward, when gradient_checkpointing is on."""
@@ -59,6 +73,7 @@ class MemoryLevers:
     activation_memory_budget: float = 1.0  # compile's saved-activation budget (<1 recomputes more)
 
     def __post_init__(self):
+        _check_finite(self)
         if not 0.0 <= self.activation_memory_budget <= 1.0:
             raise ValueError(f"activation_memory_budget={self.activation_memory_budget} must be in "
                              f"[0, 1] (1 = compile's default, 0 = recompute all it can)")
@@ -85,13 +100,13 @@ class NeuroManifoldConfig:
     memory_levers: MemoryLevers = field(default_factory=MemoryLevers)  # the model reads lean_loss
 
     def __post_init__(self):
+        _check_finite(self)
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             _check_positive(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        _check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -103,7 +118,7 @@ class TrainConfig:
     """One training run. Model fields left at None come from the preset."""
 
     # data and outputs
-    dataset: str = "shakespeare_char"  # folder under data_dir holding train.bin/val.bin/meta.pkl
+    dataset: str = "shakespeare_char"  # folder under data_dir holding train.bin/val.bin/meta.json
     data_dir: str = "data"  # where prepared datasets live
     out_dir: str = "out"  # snapshots go here
     metrics_file: str = ""  # write the run's metrics JSON here ("" = do not write)
@@ -155,6 +170,7 @@ class TrainConfig:
     dist_timeout: int = 600  # seconds a collective waits for the other ranks before failing
 
     def __post_init__(self):
+        _check_finite(self)
         _check_choice("preset", self.preset, tuple(PRESETS))
         _check_choice("init_from", self.init_from, ("scratch", "resume"))
         # no float16: it needs loss scaling (GradScaler), which bf16 does without
@@ -172,8 +188,14 @@ class TrainConfig:
             _check_positive(name, getattr(self, name))
         if self.batch_size != "auto":
             _check_positive("batch_size", self.batch_size)
-        if self.warmup_iters < 0:
-            raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0")
+        _check_positive("learning_rate", self.learning_rate)
+        for name in ("min_lr", "weight_decay", "grad_clip", "warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
         levers = self.memory_levers
         if levers.activation_memory_budget < 1.0 and self.compile is False:
             raise ValueError(f"activation_memory_budget={levers.activation_memory_budget} acts only "

@@ -94,9 +94,19 @@ def read_config_file(path: str) -> dict:
                          f"config/train_shakespeare_char.py")
     where = f"in {path}"
     try:
-        tree = ast.parse(p.read_text(), filename=path)
-    except SyntaxError as e:
-        raise ValueError(f"config file {path} line {e.lineno}: {e.msg}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start]:#04x}); save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"config file {path} cannot be read ({e.strerror}); check its "
+                         f"permissions") from None
+    try:
+        tree = ast.parse(text, filename=path)
+    except (SyntaxError, ValueError) as e:  # ValueError: a null byte, on older Pythons
+        line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise ValueError(f"config file {path}{line}: {getattr(e, 'msg', e)}; fix its Python "
+                         f"syntax") from None
     out = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
@@ -108,7 +118,7 @@ def read_config_file(path: str) -> dict:
         key = node.targets[0].id
         try:
             value = ast.literal_eval(node.value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise ValueError(f"config file {path} line {node.lineno}: the value of {key} must be "
                              f"a literal (number, string, True/False, None)") from None
         out[key] = coerce(key, value, where)
