@@ -97,7 +97,8 @@ def test_out_of_memory_advice_is_the_largest_batch_predicted_to_fit():
     setup = H200.setup(gpt2(lean_loss=False), free_gb=80.0, device_gb=80.0)
     rec = setup.recommended
     b, text = oom_advice(setup, rec + 50)
-    assert b == min(rec, math.floor(HEADROOM["cuda"] * (rec + 50))) and text.startswith(f"--batch_size {b} (or ")
+    assert b == min(rec, math.floor(HEADROOM["cuda"] * (rec + 50)))
+    assert text.startswith(f"--batch_size {b} (or ")
     # the prediction said it fits, yet it ran out: a margin below what failed, not one less
     assert oom_advice(setup, rec)[0] == math.floor(HEADROOM["cuda"] * rec) < rec - 1
     tiny = H200.setup(gpt2(lean_loss=False), free_gb=0.5, device_gb=0.5)
