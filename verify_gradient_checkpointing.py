@@ -57,9 +57,9 @@ def main(argv: list[str]) -> int:
     if reserved:
         raise ValueError(f"{reserved[0]} is set by this script for each run; drop it")
     params = load_params("train", "sizes", "checkpointing", "verify", path=args.params)
+    # both runs are planned before either starts: bad settings stop it with nothing written
+    plans = {run: plan_run(params, args.size, run, args.out, overrides) for run in RUNS}
     with holding(Path(args.out)):
-        # both runs are planned before either starts: bad settings stop it with nothing written
-        plans = {run: plan_run(params, args.size, run, args.out, overrides) for run in RUNS}
         for run, planned in plans.items():
             status = run_training(planned)
             if status in (EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_INTERRUPTED):

@@ -2,8 +2,11 @@
 (`callback`) or inside its forward (`forward`)."""
 import os
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
 
 from neuromanifold_gpt.config.cli import parse_args
 from neuromanifold_gpt.errors import entry_point

@@ -377,16 +377,23 @@ def test_mfu_peak_is_matched_by_the_exact_device_name(name, peak, monkeypatch):
     assert reporting.peak_flops(torch.device("cpu"), 1) == peak
 
 
-def test_concurrent_verifications_do_not_share_a_folder(tmp_path, capsys):
+def test_concurrent_verifications_do_not_share_a_folder(data_dir, tmp_path, monkeypatch, capsys):
     import fcntl
     import runpy
 
+    import yaml
+
     verify_main = runpy.run_path(str(ROOT / "verify_gradient_checkpointing.py"))["main"]
+    params = torchrun_params(data_dir, 1) | {"verify": {"threshold_pct": 5, "loss_tolerance": 1e-5,
+                                                        "expected_range_pct": [20, 40]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "out").mkdir()
+    monkeypatch.chdir(ROOT)
     with open(tmp_path / "out" / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a first run, still running
         start = time.monotonic()
-        assert verify_main(["--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "out")]) == 2
+        argv = ["--size", "tiny", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")]
+        assert verify_main(argv) == 2
         assert time.monotonic() - start < 30
     assert "another verify_gradient_checkpointing.py run is using" in one_line_error(capsys)
     assert os.listdir(tmp_path / "out") == [".lock"]
