@@ -151,7 +151,8 @@ def nonfinite_record(trainer, error: Exception) -> dict:
     return {"preset": t.cfg.preset, "oom": False, "nonfinite_loss": True,
             "nonfinite_step": t.iter_num, "error": str(error), "batch_size": t.batch_size,
             "block_size": t.block_size, "learning_rate": t.cfg.learning_rate,
-            "device": t.device.type, "device_name": device_name(t.device), "torch_version": torch.__version__}
+            "device": t.device.type, "device_name": device_name(t.device),
+            "torch_version": torch.__version__, **run_provenance(t.device)}
 
 
 def write_run_files(cfg: TrainConfig, metrics: dict, trace_rows: list[tuple]) -> None:

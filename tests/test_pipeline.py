@@ -129,7 +129,7 @@ def test_a_bad_params_value_stops_in_the_hardware_stage_with_the_outputs_intact(
     assert ran(done.stdout) == {"hardware"}
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: batch_size='sixteen' in params.yaml sizes.{SIZE} is not valid: "
-                      f"expected an integer"]
+                      f"expected an integer or auto"]
     assert "Traceback" not in done.stderr
     assert {p: p.read_bytes() for p in repo.path.glob("metrics/**/*.json")} == outputs
 

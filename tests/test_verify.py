@@ -30,11 +30,12 @@ def run(peak, checkpointed, loss=2.0, **changes) -> dict:
             "peak_memory_source": "torch.cuda.max_memory_allocated", "step_time_ms": 100.0,
             "final_train_loss": loss, "final_val_loss": loss, "last_step_loss": loss,
             "world_size": 1, "compile": True, "lean_loss": False, "offload_activations": False,
-            "optimizer_in_backward": False, "activation_memory_budget": 1.0} | changes
+            "optimizer_in_backward": False, "activation_memory_budget": 1.0,
+            "code_hash": "c0de", "commit": "0123abc", "dirty": False} | changes
 
 
 OOM = {"oom": True, "preset": "gpt2", "error": "CUDA out of memory", "device_name": "NVIDIA H200",
-       "torch_version": "2.11.0"}
+       "torch_version": "2.11.0", "code_hash": "c0de"}
 
 
 def test_results_block_is_the_designed_one():
@@ -214,7 +215,8 @@ def test_verify_refuses_fields_of_the_wrong_type_or_range(field, value, expected
 
 
 def test_a_diverged_run_is_a_failure_not_a_comparison():
-    diverged = {"oom": False, "nonfinite_loss": True, "nonfinite_step": 7, "preset": "gpt2"}
+    diverged = {"oom": False, "nonfinite_loss": True, "nonfinite_step": 7, "preset": "gpt2",
+                "device_name": "NVIDIA H200", "torch_version": "2.11.0", "code_hash": "c0de"}
     result = compare("gpt2", run(12.5, False), diverged, CUDA)
     assert result["passed"] is False
     assert result["verdict"] == "✗ FAILURE: the checkpointed run's loss became non-finite at step 7"
