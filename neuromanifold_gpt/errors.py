@@ -10,9 +10,11 @@ one line on stderr, never a traceback."""
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # verification failed (train.py under torchrun: any failed rank)
@@ -28,6 +30,18 @@ class TrainingOOM(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def report_oom(error: TrainingOOM) -> int:
+    print(f"error: CUDA out of memory: {error}", file=sys.stderr, flush=True)
+    return EXIT_OOM
+
+
+def leave_now(error: TrainingOOM) -> NoReturn:
+    """Report as entry_point does and exit at once: for a rank that ran out of memory while
+    the others wait in a collective it cannot join, where leaving the process group (NCCL)
+    would wait for them. torchrun then stops the others."""
+    os._exit(report_oom(error))
 
 
 def _interrupt(signum, frame):
@@ -47,8 +61,7 @@ def entry_point(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except TrainingOOM as e:
-            print(f"error: CUDA out of memory: {e}", file=sys.stderr)
-            return EXIT_OOM
+            return report_oom(e)
         except NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_NON_FINITE

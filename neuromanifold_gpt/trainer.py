@@ -18,7 +18,7 @@ from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .data import BatchLoader, open_dataset
 from .device import resolve_device
-from .errors import NonFiniteLoss, TrainingOOM
+from .errors import NonFiniteLoss, TrainingOOM, leave_now
 from .files import check_outputs, sweep_stale_temps
 from .memory import MemoryMonitorCallback
 from .optim import lr_at, make_optimizer
@@ -253,11 +253,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
             metrics = trainer.run()
         except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
             record, message = reporting.oom_record(trainer, e)
-            # agreed: rank 0 writes; a rank that ran out alone (mid-step) writes its own record
-            if trainer.dist.is_main or not isinstance(e, RanksOutOfMemory):
+            alone = not isinstance(e, RanksOutOfMemory)  # mid-step: the others wait in a collective
+            if trainer.dist.is_main or alone:  # agreed: rank 0 writes the record
                 reporting.write_run_files(cfg, record, [])  # no step finished: an empty trace
                 if cfg.memory_timeline_file:
                     write_timeline(cfg.memory_timeline_file, [])
+            if alone and trainer.dist.world_size > 1:
+                leave_now(TrainingOOM(message))
             raise TrainingOOM(message) from None
         except NonFiniteLoss as e:  # every rank sees the same (all-reduced) loss
             if trainer.dist.is_main:

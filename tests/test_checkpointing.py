@@ -111,3 +111,28 @@ def test_layer_knobs_recompute_only_the_chosen_blocks(knobs, runs):
                 lambda *_, key=(i, part): counts.__setitem__(key, counts[key] + 1))
     loss_and_grads(model)
     assert [(counts[i, "attn"], counts[i, "mlp"]) for i in range(len(runs))] == runs
+
+
+def test_only_active_when_training(monkeypatch):
+    model = make(checkpoint_policy="block")
+    x, y = batch()
+
+    def boom(*a, **k):
+        raise AssertionError("checkpoint called")
+
+    monkeypatch.setattr(ckpt, "checkpoint", boom)
+    model.eval()
+    model(x, y)  # eval: the plain forward
+    model.train()
+    with torch.no_grad():
+        model(x, y)  # no autograd graph: nothing to save, nothing to recompute
+    with pytest.raises(AssertionError, match="checkpoint called"):
+        model(x, y)
+
+
+def test_state_dict_unchanged_and_no_double_apply():
+    plain, wrapped = make(), make(checkpoint_policy="block")
+    assert plain.state_dict().keys() == wrapped.state_dict().keys()
+    wrapped.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="already applied"):
+        ckpt.apply_activation_checkpointing(wrapped, wrapped.config)
