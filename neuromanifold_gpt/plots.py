@@ -53,10 +53,13 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -
     fig, axes = _grid(len(traces), "Peak memory per training step (after warm-up)")
     for ax, (size, runs) in zip(axes, traces.items(), strict=True):
         for run, trace in runs.items():
-            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=3, label=run,
+            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=5, label=run,
                     color=COLORS.get(run))
         ax.set(title=size, xlabel="step", ylabel="peak memory (GiB)")
         ax.set_ylim(bottom=0)  # from zero, so a small difference looks small
+        steps = [s for trace in runs.values() for s in trace["step"]]
+        if steps:  # half a step of room: a single measured step is a point, not a stretched axis
+            ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     save_figure(fig, path)
