@@ -56,12 +56,14 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -
             ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=5, label=run,
                     color=COLORS.get(run))
         ax.set(title=size, xlabel="step", ylabel="peak memory (GiB)")
-        ax.set_ylim(bottom=0)  # from zero, so a small difference looks small
-        steps = [s for trace in runs.values() for s in trace["step"]]
-        if steps:  # half a step of room: a single measured step is a point, not a stretched axis
-            ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+        measured = [(s, p) for trace in runs.values()  # the warm-up step has no peak (nan)
+                    for s, p in zip(trace["step"], trace["peak_memory_gb"], strict=True) if p == p]
+        if measured:  # from zero, so a small difference looks small; room for the legend below
+            ax.set_ylim(0, 1.2 * max(p for _, p in measured))
+            # half a step either side: a single measured step is a point, not a stretched axis
+            ax.set_xlim(min(s for s, _ in measured) - 0.5, max(s for s, _ in measured) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        ax.legend(loc="lower left")
     save_figure(fig, path)
 
 
