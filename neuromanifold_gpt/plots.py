@@ -58,11 +58,15 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -
         ax.set(title=size, xlabel="step", ylabel="peak memory (GiB)")
         measured = [(s, p) for trace in runs.values()  # the warm-up step has no peak (nan)
                     for s, p in zip(trace["step"], trace["peak_memory_gb"], strict=True) if p == p]
+        steps = sorted({s for s, _ in measured})
         if measured:  # from zero, so a small difference looks small; room for the legend below
             ax.set_ylim(0, 1.2 * max(p for _, p in measured))
             # half a step either side: a single measured step is a point, not a stretched axis
-            ax.set_xlim(min(s for s, _ in measured) - 0.5, max(s for s, _ in measured) + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
+        if len(steps) <= 10:
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="lower left")
     save_figure(fig, path)
 
