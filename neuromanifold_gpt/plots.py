@@ -53,12 +53,21 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -
     fig, axes = _grid(len(traces), "Peak memory per training step (after warm-up)")
     for ax, (size, runs) in zip(axes, traces.items(), strict=True):
         for run, trace in runs.items():
-            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=3, label=run,
+            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=5, label=run,
                     color=COLORS.get(run))
         ax.set(title=size, xlabel="step", ylabel="peak memory (GiB)")
-        ax.set_ylim(bottom=0)  # from zero, so a small difference looks small
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        measured = [(s, p) for trace in runs.values()  # the warm-up step has no peak (nan)
+                    for s, p in zip(trace["step"], trace["peak_memory_gb"], strict=True) if p == p]
+        steps = sorted({s for s, _ in measured})
+        if measured:  # from zero, so a small difference looks small; room for the legend below
+            ax.set_ylim(0, 1.2 * max(p for _, p in measured))
+            # half a step either side: a single measured step is a point, not a stretched axis
+            ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
+        if len(steps) <= 10:
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="lower left")
     save_figure(fig, path)
 
 
