@@ -5,7 +5,6 @@ the predictor's per-rank arithmetic under FSDP2 against the real shards."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,6 @@ import train
 from neuromanifold_gpt import build_model, planner
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
-from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.planner import HEADROOM, PLANS, Planner, oom_advice, resolve_auto
 from neuromanifold_gpt.predictor import GIB
 
@@ -48,15 +46,8 @@ def test_batch_size_auto_is_read_from_the_command_line_and_config_files(tmp_path
     assert "set one of them" in capsys.readouterr().err
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    ids = np.random.default_rng(0).integers(0, 65, 20_000)
-    write_dataset(tmp_path / "data" / "tiny", ids, dict(vocab_size=65))
-    return str(tmp_path / "data")
-
-
 def _args(data_dir, tmp_path, *extra):
-    return ["--dataset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"),
+    return ["--dataset", "tiny", "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"),
             "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
             "--max_iters", "2", "--eval_iters", "1", "--metrics_file", str(tmp_path / "m.json"), *extra]
 

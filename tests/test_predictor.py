@@ -99,15 +99,8 @@ def test_largest_batch_is_the_largest_that_fits():
     assert planner.largest_batch(cfg, 0.5) == 0  # not even one sequence
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    ids = np.random.default_rng(0).integers(0, 65, 20_000)
-    write_dataset(tmp_path / "data" / "tiny", ids, dict(vocab_size=65))
-    return str(tmp_path / "data")
-
-
 def _args(data_dir, tmp_path, *extra):
-    return ["--dataset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "out"),
+    return ["--dataset", "tiny", "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"),
             "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--batch_size", "2",
             "--block_size", "16", "--max_iters", "2", "--eval_iters", "1",
             "--metrics_file", str(tmp_path / "metrics.json"), *extra]
