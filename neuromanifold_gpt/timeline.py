@@ -8,6 +8,7 @@ every allocation and free with its time; the curve is memory allocated since the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -51,29 +52,30 @@ def timeline_rows(events: list[tuple[float, int]], marks: list[tuple[float, str]
     return rows
 
 
-def _hooks(trainer, stamp) -> list:
-    """stamp(phase) when a forward pass begins, when it ends (backward follows) and when the
-    optimizer steps; with gradient accumulation, once per micro-step."""
-    return [trainer.model.register_forward_pre_hook(lambda *_: stamp("forward")),
-            trainer.model.register_forward_hook(lambda *_: stamp("backward")),
-            trainer.optimizer.register_step_pre_hook(lambda *_: stamp("optimizer"))]
+@contextlib.contextmanager
+def _stamping(trainer, stamp):
+    """stamp(phase) as each phase of the recorded step begins; with gradient accumulation,
+    forward and backward once per micro-step."""
+    before, trainer.on_phase = trainer.on_phase, stamp
+    try:
+        yield
+    finally:
+        trainer.on_phase = before
 
 
 def _record_cuda(trainer):
     device = trainer.device
     marks: list[tuple[float, str]] = []
     # the allocator stamps events in wall-clock µs (its approximate clock converted to Unix time)
-    hooks = _hooks(trainer, lambda phase: marks.append((time.time_ns() / 1000, phase)))
     torch.cuda.synchronize(device)
     torch.cuda.memory._record_memory_history("all", context=None, device=device)
     try:
-        trainer.train_step()
+        with _stamping(trainer, lambda phase: marks.append((time.time_ns() / 1000, phase))):
+            trainer.train_step()
         torch.cuda.synchronize(device)
         trace = torch.cuda.memory._snapshot(device)["device_traces"][device.index or 0]
     finally:
         torch.cuda.memory._record_memory_history(None, device=device)
-        for h in hooks:
-            h.remove()
     sign = {"alloc": 1, "free_completed": -1}
     events = [(e["time_us"], sign[e["action"]] * e["size"]) for e in trace if e["action"] in sign]
     return events, marks
@@ -87,13 +89,8 @@ def _record_cpu(trainer):
         with record_function(f"timeline: {phase}"):
             pass
 
-    hooks = _hooks(trainer, stamp)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            trainer.train_step()
-    finally:
-        for h in hooks:
-            h.remove()
+    with _stamping(trainer, stamp), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.train_step()
     with tempfile.TemporaryDirectory() as tmp:
         trace_path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace_path))

@@ -66,6 +66,9 @@ class Trainer:
         self.snapshot_path = snapshot_path(cfg.out_dir)
         self.apart = False  # ranks may be waiting in different collectives (no agreement then)
         self.model = self.wrapped = None
+        # called with "forward", "backward" and "optimizer" as each phase of a step begins; a
+        # hook on the model would be traced by compile and recompile it
+        self.on_phase = lambda phase: None
 
     def build(self) -> None:
         """Where device memory is first taken: the model on the device, compiled and wrapped,
@@ -140,13 +143,16 @@ class Trainer:
         for k in range(micro_steps):
             x, y = self.loader.get_batch("train")
             with distributed.sync_gradients(self.wrapped, sync=k == micro_steps - 1):
+                self.on_phase("forward")
                 with self.autocast, levers.forward_context(cfg.memory_levers):
                     loss = self.wrapped(x, y)[1] / micro_steps  # the logits are not kept
+                self.on_phase("backward")
                 loss.backward()
             total += loss.detach()
         self.apart = False
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.on_phase("optimizer")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
