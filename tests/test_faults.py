@@ -287,8 +287,11 @@ def test_a_signal_mid_run_is_one_line_exit_130_and_writes_nothing(signum, data_d
             "--n_head", "2", "--n_embd", "32", "--batch_size", "4", "--block_size", "32",
             "--max_iters", "100000", "--log_interval", "1", "--eval_interval", "100000",
             "--metrics_file", str(tmp_path / "m.json"), "--memory_trace_file", str(tmp_path / "t.tsv")]
+    # as from a terminal: a shell without job control starts background jobs with SIGINT ignored,
+    # and Python keeps that
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("iter 2:"):
             break
