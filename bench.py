@@ -359,6 +359,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeat < 1:
         raise ValueError("--steps and --repeat must be at least 1")
+    if args.exact and not args.only:
+        raise ValueError("--exact matches whole labels given by --only; name the rows with --only")
     if args.plans:
         return check_plans(args)
     if args.report:
@@ -400,6 +402,7 @@ def main(argv=None) -> int:
                 torch_version=torch.__version__, steps=args.steps, repeat=args.repeat,
                 transformers_version=transformers.__version__ if have_hf else None)
     runs: dict[tuple[str, str], list[dict]] = {}
+    parts = args.only.split(",")  # "" (every row) is in every label
     with tempfile.TemporaryDirectory() as data_dir:
         for preset in presets:
             vocab = VOCAB.get(preset, 65)
@@ -410,7 +413,6 @@ def main(argv=None) -> int:
                     if have_hf and preset != "tiny"]
             jobs += [("whole", label, kw, None) for label, kw in whole_rows() if preset != "tiny"]
             jobs += [("ours", label, kw, kernel) for label, kw, kernel in our_rows(args.quick)]
-            parts = args.only.split(",")
             jobs = [job for job in jobs
                     if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
             for rep in range(args.repeat):

@@ -88,9 +88,7 @@ def read_run(path: str | Path) -> dict:
     type and range."""
     data = read_json(path, required=("oom", "preset"))
     data.setdefault("nonfinite_loss", False)  # metrics written before it was recorded
-    if data["nonfinite_loss"] is True:
-        keys = ("oom", "nonfinite_loss", "preset")
-    elif data["oom"] is True:
+    if data["nonfinite_loss"] is True or data["oom"] is True:  # a failed run has no figures
         keys = ("oom", "nonfinite_loss", "preset")
     else:
         keys = RUN_KEYS + ("oom", "nonfinite_loss")

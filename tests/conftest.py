@@ -1,5 +1,6 @@
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,14 @@ import pytest
 from neuromanifold_gpt.data import CORPUS_ENV, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys) -> str:
+    """stderr of a refused run: one `error:` line, no traceback."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
 
 # Small enough to train in a second on 2 cores, big enough for activations to dominate memory.
 TINY = ["--preset", "shakespeare_char", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
@@ -46,6 +55,14 @@ def data_dir(tmp_path_factory) -> Path:
     ids = np.random.default_rng(0).integers(0, 65, size=20_000)
     write_dataset(root / "tiny", ids, {"vocab_size": 65})
     return root
+
+
+@pytest.fixture
+def dataset(data_dir, tmp_path) -> Path:
+    """A private copy of the tiny dataset, free to damage."""
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

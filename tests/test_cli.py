@@ -8,7 +8,7 @@ import pytest
 
 import train
 from neuromanifold_gpt.config.cli import parse_args
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line_error
 
 
 def test_overrides_config_file_then_command_line(tmp_path):
@@ -52,28 +52,24 @@ def test_bad_input_one_line_exit_2(case, tiny_args, tmp_path, capsys):
     argv, message = BAD[case]
     metrics = tmp_path / "m.json"
     code = train.main(tiny_args + ["--metrics_file", str(metrics)] + argv)
-    err = capsys.readouterr().err
+    err = one_line_error(capsys)
     assert code == 2
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in err
     assert not metrics.exists()
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "meta without counts"])
-def test_missing_or_truncated_dataset(damage, tiny_args, data_dir, tmp_path, capsys):
-    import shutil
-
-    copy = tmp_path / "data"
-    shutil.copytree(data_dir, copy)
-    train_bin = copy / "tiny" / "train.bin"
+def test_missing_or_truncated_dataset(damage, tiny_args, dataset, tmp_path, capsys):
+    train_bin = dataset / "tiny" / "train.bin"
     if damage == "missing":
         train_bin.unlink()
     elif damage == "meta without counts":
-        (copy / "tiny" / "meta.json").write_text(json.dumps({"vocab_size": 65}))
+        (dataset / "tiny" / "meta.json").write_text(json.dumps({"vocab_size": 65}))
     else:
         train_bin.write_bytes(train_bin.read_bytes()[:1000])
-    code = train.main(tiny_args + ["--data_dir", str(copy), "--metrics_file", str(tmp_path / "m.json")])
-    err = capsys.readouterr().err
-    assert code == 2 and "prepare the dataset again" in err and err.count("\n") == 1
+    code = train.main(tiny_args + ["--data_dir", str(dataset), "--metrics_file", str(tmp_path / "m.json")])
+    err = one_line_error(capsys)
+    assert code == 2 and "prepare the dataset again" in err
     assert not (tmp_path / "m.json").exists()
 
 

@@ -25,7 +25,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10, where pytest depends on tomli
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 FILES = ["README.md", "Dockerfile", ".dockerignore", ".ci/run", ".ci/image", "pyproject.toml",
          "scripts/image.sh", ".github/workflows/ci.yml", ".github/workflows/gpu.yml"]
 IMAGE = "neuromanifold-gpt"  # the README's image name; scripts/image.sh adds a tag of its content

@@ -21,27 +21,12 @@ import torch
 import train
 from neuromanifold_gpt import files, memory, reporting, trainer
 from neuromanifold_gpt.data import write_dataset
-from tests.conftest import ROOT
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    return err
+from tests.conftest import ROOT, one_line_error
 
 
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under root (hidden ones too), with its bytes."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def dataset(data_dir, tmp_path) -> Path:
-    """A private copy of the tiny dataset, free to damage."""
-    copy = tmp_path / "data"
-    shutil.copytree(data_dir, copy)
-    return copy
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -188,23 +173,18 @@ def test_atomic_path_never_replaces_what_is_not_a_regular_file(kind, tmp_path):
     assert (os.lstat(target).st_mode, sorted(os.listdir(tmp_path))) == before
 
 
-def test_atomic_path_publishes_nothing_when_the_write_raises(tmp_path):
+@pytest.mark.parametrize("raised, expected, match", [
+    (RuntimeError("mid-write"), RuntimeError, "mid-write"),  # published nothing
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), ValueError,  # a full disk: one line
+     "could not write .*No space left on device"),
+], ids=["raises", "full disk"])
+def test_a_failed_write_publishes_nothing_and_the_old_file_stays(raised, expected, match, tmp_path):
     path = tmp_path / "m.json"
     path.write_text("old")
-    with pytest.raises(RuntimeError, match="mid-write"):
+    with pytest.raises(expected, match=match):
         with files.atomic_path(path) as tmp:
             tmp.write_text("half")
-            raise RuntimeError("mid-write")
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["m.json"]
-
-
-def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path):
-    path = tmp_path / "m.json"
-    path.write_text("old")
-    with pytest.raises(ValueError, match="could not write .*No space left on device"):
-        with files.atomic_path(path) as tmp:
-            tmp.write_text("half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise raised
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
@@ -217,6 +197,14 @@ def snapshot_dir(tiny_args, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def snapshot_copy(snapshot_dir, tmp_path) -> Path:
+    """A private copy of the run folder holding snapshot.pt, free to damage."""
+    out = tmp_path / "out"
+    shutil.copytree(snapshot_dir, out)
+    return out
+
+
 @pytest.mark.parametrize("damage, message", [
     ("another model size", "holds another model (n_embd 32 vs 64)"),
     ("truncated", "is truncated or not a snapshot"),
@@ -224,9 +212,8 @@ def snapshot_dir(tiny_args, tmp_path_factory) -> Path:
     ("garbage", "is truncated or not a snapshot"),
     ("a pickle of something else", "is truncated or not a snapshot"),
 ])
-def test_a_bad_snapshot_is_one_line(damage, message, snapshot_dir, tiny_args, tmp_path, capsys):
-    out = tmp_path / "out"
-    shutil.copytree(snapshot_dir, out)
+def test_a_bad_snapshot_is_one_line(damage, message, snapshot_copy, tiny_args, tmp_path, capsys):
+    out = snapshot_copy
     snap, args = out / "snapshot.pt", tiny_args + ["--max_iters", "3", "--out_dir", str(out)]
     if damage == "another model size":
         args += ["--n_embd", "64"]
@@ -245,39 +232,26 @@ def test_a_bad_snapshot_is_one_line(damage, message, snapshot_dir, tiny_args, tm
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_full_disk_while_saving_keeps_the_old_snapshot(snapshot_dir, tiny_args, tmp_path,
-                                                         monkeypatch, capsys):
-    out = tmp_path / "out"
-    shutil.copytree(snapshot_dir, out)
-    old = (out / "snapshot.pt").read_bytes()
-
-    def full_disk(obj, path):
-        Path(path).write_bytes(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
-                           "writing file data/0: file write failed")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    assert train.main(tiny_args + ["--max_iters", "2", "--eval_interval", "2", "--save_snapshot",
-                                   "true", "--out_dir", str(out)]) == 2
-    assert "could not write" in one_line_error(capsys)
-    assert (out / "snapshot.pt").read_bytes() == old and sorted(os.listdir(out)) == ["snapshot.pt"]
-
-
-def test_an_interrupt_while_saving_removes_the_temp_and_stale_temps_are_swept(
-        snapshot_dir, tiny_args, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
-    shutil.copytree(snapshot_dir, out)
+@pytest.mark.parametrize("raised, code, message", [
+    # a full disk, as torch.save reports it
+    (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                  "file data/0: file write failed"), 2, "could not write"),
+    (KeyboardInterrupt(), 130, "interrupted"),  # what SIGTERM becomes (errors.entry_point)
+], ids=["full disk", "interrupt"])
+def test_a_failed_save_keeps_the_old_snapshot_and_sweeps_stale_temps(
+        raised, code, message, snapshot_copy, tiny_args, monkeypatch, capsys):
+    out = snapshot_copy
     old = (out / "snapshot.pt").read_bytes()
     (out / ".snapshot.pt.killed1.pt").write_bytes(b"left by a SIGKILL")
 
-    def interrupted(obj, path):
+    def failing_save(obj, path):
         Path(path).write_bytes(b"partial")
-        raise KeyboardInterrupt  # what SIGTERM becomes (errors.entry_point)
+        raise raised
 
-    monkeypatch.setattr(torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", failing_save)
     assert train.main(tiny_args + ["--max_iters", "2", "--eval_interval", "2", "--save_snapshot",
-                                   "true", "--out_dir", str(out)]) == 130
-    assert "interrupted" in one_line_error(capsys)
+                                   "true", "--out_dir", str(out)]) == code
+    assert message in one_line_error(capsys)
     assert (out / "snapshot.pt").read_bytes() == old and sorted(os.listdir(out)) == ["snapshot.pt"]
 
 

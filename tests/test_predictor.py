@@ -175,8 +175,10 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     (["--plans", "batch,sizes"], "error: --plans 'batch,sizes': name the tables batch and/or budget"),
     (["--plans", "budget", "--budgets", "3,lots"],
      "error: --budgets '3,lots': expected GiB as numbers, comma-separated"),
+    (["--quick", "--exact"],
+     "error: --exact matches whole labels given by --only; name the rows with --only"),
 ])
-def test_bench_plans_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+def test_bench_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import bench
 
     assert bench.main([*argv, "--out_dir", str(tmp_path / "plans")]) == 2

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from neuromanifold_gpt import provenance
-from neuromanifold_gpt.verify import Criteria, compare
+from neuromanifold_gpt.verify import compare
 from tests.conftest import ROOT
+from tests.test_verify import CUDA as CRITERIA
 from tests.test_verify import run
 
-CRITERIA = Criteria(threshold_pct=20, expected_range_pct=(20, 40), loss_tolerance=0.02)
 CODE = {"code_hash": "a" * 64}
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.verify import Criteria, compare, report, results_block, verify_pairs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line_error
 
 CUDA = Criteria(threshold_pct=20, expected_range_pct=(20, 40), loss_tolerance=0.02)
 
@@ -169,8 +169,8 @@ def test_stage_refuses_bad_metrics(stage_dir, capsys, damage, message):
     else:
         metrics.unlink()
     assert VERIFY_STAGE() == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err and str(metrics) in err
+    err = one_line_error(capsys)
+    assert message in err and str(metrics) in err
     assert not Path("metrics/verify.json").exists()
 
 
@@ -231,6 +231,6 @@ def test_stage_refuses_fooling_metrics_and_keeps_verify_json(stage_dir, capsys, 
     metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {field: value}))
     capsys.readouterr()
     assert VERIFY_STAGE() == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and field in err
+    err = one_line_error(capsys)
+    assert field in err
     assert Path("metrics/verify.json").read_bytes() == kept
