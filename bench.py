@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -47,8 +49,11 @@ from unittest import mock
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
-from neuromanifold_gpt import build_model
+from neuromanifold_gpt import build_model, distributed
+from neuromanifold_gpt import loss as loss_module
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.errors import TrainingOOM, entry_point
@@ -74,19 +79,21 @@ def _liger(x, weight, targets):
 LOSS_KERNELS = {"liger": _liger, "chunked": linear_cross_entropy}
 
 
-@contextlib.contextmanager
-def lean_kernel(name: str | None):
-    """Run the lean loss through another kernel (LOSS_KERNELS) while the block runs."""
-    if name is None:
-        yield
-        return
-    original = LinearCrossEntropyLoss.forward
-    LinearCrossEntropyLoss.forward = torch.compiler.disable(
-        lambda self, x, weight, targets: LOSS_KERNELS[name](x, weight, targets))
-    try:
-        yield
-    finally:
-        LinearCrossEntropyLoss.forward = original
+def _loss_kernel(name: str):
+    return mock.patch.object(LinearCrossEntropyLoss, "forward", torch.compiler.disable(
+        lambda self, x, weight, targets: LOSS_KERNELS[name](x, weight, targets)))
+
+
+# A row's variant: what runs differently from the default while the row trains. The loss
+# kernels are not what the predictor models; the others keep its prediction.
+VARIANTS = {
+    **{name: functools.partial(_loss_kernel, name) for name in LOSS_KERNELS},
+    # cut-cross-entropy skipping the gradient blocks of small probabilities, its default
+    "cce filtered": lambda: mock.patch.object(loss_module, "CCE_FILTER_EPS", "high"),
+    # each block and the loss compiled alone; "whole model" the opposite
+    "per block": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: True),
+    "whole model": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: False),
+}
 
 
 def row_settings(fields: dict, compile: bool) -> dict:
@@ -96,8 +103,8 @@ def row_settings(fields: dict, compile: bool) -> dict:
 
 
 def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
-    """(label, TrainConfig overrides, lean kernel): every plan the planner weighs, eager and
-    compiled, and the lean loss through the other kernels."""
+    """(label, TrainConfig overrides, variant): every plan the planner weighs, eager and
+    compiled, and the lean-loss plans under each variant."""
     eager = [(f"eager {label}", row_settings(kw, False), None) for label, kw in PLANS
              if "activation_memory_budget" not in kw]
     if quick:
@@ -106,16 +113,14 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     for label, kw in PLANS:
         compiled.append((f"compiled {label}", row_settings(kw, True), None))
         if label in ("none +lean", "block +lean"):
-            compiled += [(f"compiled {label} ({kernel})", row_settings(kw, True), kernel)
-                         for kernel in LOSS_KERNELS]
+            compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
+                         for variant in VARIANTS]
     return eager + compiled
 
 
 def whole_rows() -> list[tuple[str, dict]]:
-    """(label, overrides) run by run_whole: the reference, and whole-model compile of one
-    checkpointed plan, to compare with our per-block compile."""
-    plans = dict(PLANS)
-    return [(REFERENCE, plans["none"]), ("whole-model block +lean", plans["block +lean"])]
+    """(label, overrides) run by run_whole: the reference."""
+    return [(REFERENCE, dict(PLANS)["none"])]
 
 
 class SnapshotCallback:
@@ -133,6 +138,79 @@ class SnapshotCallback:
             torch.cuda.memory._dump_snapshot(str(self.path))
             torch.cuda.memory._record_memory_history(enabled=None)
             self.done = True
+
+
+# Where a CUDA kernel's time goes, by its name (first match wins)
+KERNEL_KINDS = [
+    ("cut-cross-entropy", re.compile(r"cce", re.I)),
+    ("compiled (inductor's Triton)", re.compile(r"^triton_")),
+    ("matmul (cuBLAS / CUTLASS)", re.compile(r"gemm|xmma|cutlass|nvjet|cublas", re.I)),
+    ("attention (flash / SDPA)", re.compile(r"flash|fmha|attention", re.I)),
+    ("optimizer (fused AdamW)", re.compile(r"adam|multi_tensor", re.I)),
+    ("copies and fills", re.compile(r"memcpy|memset|copy|fill", re.I)),
+    ("other eager kernels", re.compile("")),
+]
+# CPU-side regions: the compiled graphs' forward and backward
+COMPILED_REGIONS = [("compiled forward", "Torch-Compiled Region"),
+                    ("compiled backward", "CompiledFunctionBackward")]
+
+
+def profile_summary(events, steps: int, wall_s: float, top: int = 15) -> str:
+    """torch.profiler's key_averages over `steps` steps as text: the step, the device time by
+    kind of kernel, the CPU time inside compiled regions and the top kernels (per step)."""
+    per_step = lambda us: us / 1000 / steps  # noqa: E731
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]
+    step_ms = 1000 * wall_s / steps
+    lines = [f"step: {step_ms:.2f} ms wall over {steps} profiled steps (the profiler's own "
+             "overhead included)"]
+    if kernels:
+        busy = sum(e.self_device_time_total for e in kernels)
+        lines.append(f"device busy: {per_step(busy):.2f} ms a step "
+                     f"({100 * per_step(busy) / step_ms:.0f}% of the step)")
+        kinds: dict[str, float] = {}
+        for e in kernels:
+            kind = next(k for k, pattern in KERNEL_KINDS if pattern.search(e.key))
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+        lines += ["", "| kernels | ms a step | share of device time |", "|---|---|---|"]
+        lines += [f"| {k} | {per_step(t):.2f} | {100 * t / busy:.1f}% |"
+                  for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    regions = [(name, sum(e.cpu_time_total for e in events if e.key.startswith(prefix)))
+               for name, prefix in COMPILED_REGIONS]
+    lines += ["", "| CPU-side region | ms a step |", "|---|---|"]
+    lines += [f"| {name} | {per_step(t):.2f} |" for name, t in regions]
+    timed = kernels or [e for e in events if e.self_cpu_time_total > 0]
+    key = (lambda e: e.self_device_time_total) if kernels else (lambda e: e.self_cpu_time_total)
+    lines += ["", f"| top {'kernels' if kernels else 'CPU ops'} | calls a step | ms a step |",
+              "|---|---|---|"]
+    lines += [f"| {e.key[:90].replace('|', '/')} | {e.count / steps:g} | {per_step(key(e)):.3f} |"
+              for e in sorted(timed, key=key, reverse=True)[:top]]
+    return "\n".join(lines) + "\n"
+
+
+class ProfileCallback:
+    """torch.profiler over the first `steps` steps after warm-up; writes profile_summary."""
+
+    def __init__(self, path: Path, steps: int):
+        self.path, self.steps, self.prof = path, steps, None
+
+    def on_warmup_end(self) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.__enter__()
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def on_step_end(self, iter_num: int) -> None:
+        if self.prof is None:
+            return
+        self.done += 1
+        if self.done == self.steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(profile_summary(self.prof.key_averages(), self.steps, wall))
+            self.prof = None
 
 
 def release() -> None:
@@ -154,29 +232,28 @@ def bench_config(preset: str, data_dir: str, steps: int, shape, overrides: dict)
                                   **model_kw, **overrides)
 
 
-def run_ours(preset: str, overrides: dict, kernel: str | None, data_dir: str, steps: int, shape,
-             snapshot: Path | None) -> dict:
+def run_ours(preset: str, overrides: dict, variant: str | None, data_dir: str, steps: int, shape,
+             callbacks: list) -> dict:
     cfg = bench_config(preset, data_dir, steps, shape, overrides)
-    callbacks = [SnapshotCallback(snapshot)] if snapshot else []
     # no evaluation at the end: it measures nothing here, and compiling the model's inference
     # graph would cost a whole-model compile per row (0.0 passes the trainer's finiteness check;
     # no row reports a loss)
     no_eval = mock.patch.object(Trainer, "estimate_loss", lambda self: dict(train=0.0, val=0.0))
     try:
-        with lean_kernel(kernel), no_eval:
+        with VARIANTS[variant]() if variant else contextlib.nullcontext(), no_eval:
             m = train(cfg, callbacks=callbacks, quiet=True)
     except TrainingOOM as e:
         return dict(oom=True, error=str(e))
     return dict(oom=False, peak_allocated_gb=m["peak_memory_gb"],
                 peak_reserved_gb=m["peak_reserved_gb"], step_ms=m["step_time_ms"],
                 tokens_per_s=m["tokens_per_sec"],
-                # the predictor models cut-cross-entropy's kernel, not the others
-                predicted_gb=None if kernel else m["predicted_peak_gb"],
+                predicted_gb=None if variant in LOSS_KERNELS else m["predicted_peak_gb"],
                 memory_source=m["peak_memory_source"], compile=m["compile"])
 
 
-def timed_steps(step, steps: int, tokens: int, device: torch.device) -> dict:
-    """One warm-up step, then `steps` timed ones: median step time and the peaks over them."""
+def timed_steps(step, steps: int, tokens: int, device: torch.device, callbacks: list) -> dict:
+    """One warm-up step, then `steps` timed ones: median step time and the peaks over them.
+    The callbacks are called as the Trainer calls them."""
     times, peaks, reserved = [], [], []
     try:
         for i in range(steps + 1):
@@ -190,6 +267,8 @@ def timed_steps(step, steps: int, tokens: int, device: torch.device) -> dict:
                 peaks.append(m.peak_gb)
                 reserved.append(m.peak_reserved_gb)
             reset_peak(device)
+            for cb in callbacks:
+                (cb.on_step_end(i) if i else cb.on_warmup_end())
     except torch.cuda.OutOfMemoryError as e:
         return dict(oom=True, error=str(e).splitlines()[0])
     median = statistics.median(times)
@@ -199,7 +278,7 @@ def timed_steps(step, steps: int, tokens: int, device: torch.device) -> dict:
 
 
 def run_whole(preset: str, overrides: dict, data_dir: str, steps: int, shape,
-              device: torch.device) -> dict:
+              device: torch.device, callbacks: list) -> dict:
     """Our model under one torch.compile of the whole model, trained by a plain loop: bf16
     autocast, fused AdamW, clipping, as the Trainer does."""
     cfg = bench_config(preset, data_dir, steps, shape, dict(overrides, compile=True))
@@ -219,10 +298,11 @@ def run_whole(preset: str, overrides: dict, data_dir: str, steps: int, shape,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return dict(timed_steps(step, steps, B * T, device), compile=True)
+    return dict(timed_steps(step, steps, B * T, device, callbacks), compile=True)
 
 
-def run_hf(preset: str, checkpointing: bool, steps: int, shape, device: torch.device) -> dict:
+def run_hf(preset: str, checkpointing: bool, steps: int, shape, device: torch.device,
+           callbacks: list) -> dict:
     """HuggingFace GPT2LMHeadModel of the preset's shape, trained as its users do: eager,
     bf16 autocast, fused AdamW, loss from labels=input_ids."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -249,7 +329,7 @@ def run_hf(preset: str, checkpointing: bool, steps: int, shape, device: torch.de
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return dict(timed_steps(step, steps, B * T, device), compile=False)
+    return dict(timed_steps(step, steps, B * T, device, callbacks), compile=False)
 
 
 def merge_repeats(runs: list[dict]) -> dict:
@@ -274,7 +354,7 @@ def add_ratios(rows: list[dict]) -> None:
     for preset in dict.fromkeys(r["preset"] for r in rows):
         ok = [r for r in rows if r["preset"] == preset and not r["oom"] and "failed" not in r]
         plain = [r for r in ok if r["impl"] == "ours" and r["recompute"] == "none"
-                 and not r.get("kernel")]
+                 and not r.get("variant")]
         fastest = min((r["step_ms"] for r in plain), default=None)
         ties = [r for r in plain if r["step_ms"] <= (1 + TIE) * fastest] if plain else []
         base = min(ties, key=lambda r: r["peak_allocated_gb"]) if ties else None
@@ -343,6 +423,10 @@ def main(argv=None) -> int:
                         help="run only rows whose label contains one of these (comma-separated)")
     parser.add_argument("--exact", action="store_true", help="--only names whole labels")
     parser.add_argument("--snapshot", default="", help="dump this row's CUDA memory history")
+    parser.add_argument("--profile", default="", metavar="LABEL[,LABEL...]",
+                        help="after the bench, run these rows again under torch.profiler and "
+                             "write where their step's time goes (OUT_DIR/profile_*.md)")
+    parser.add_argument("--profile_steps", type=int, default=5)
     parser.add_argument("--report", default="", metavar="JSON[,JSON...]",
                         help="only redo the table and the plot from earlier bench.json files "
                              "(a row of a later file replaces the same row of an earlier one)")
@@ -412,12 +496,12 @@ def main(argv=None) -> int:
                     for label in ("HF eager", "HF eager +gradient checkpointing")
                     if have_hf and preset != "tiny"]
             jobs += [("whole", label, kw, None) for label, kw in whole_rows() if preset != "tiny"]
-            jobs += [("ours", label, kw, kernel) for label, kw, kernel in our_rows(args.quick)]
+            jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
             jobs = [job for job in jobs
                     if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
             for rep in range(args.repeat):
-                for impl, label, kw, kernel in jobs:
-                    r = run_row(preset, impl, label, kw, kernel, data_dir, args, shapes[preset],
+                for impl, label, kw, variant in jobs:
+                    r = run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset],
                                 device, out)
                     runs.setdefault((preset, label), []).append(r)
                     print(f"{preset:16s} {label:42s} " + (
@@ -428,15 +512,21 @@ def main(argv=None) -> int:
                         f"  ({r['wall_s']:.0f} s, run {rep + 1}/{args.repeat})", flush=True)
                     # a cut-short run keeps what it measured
                     write_json(out / "bench.json", dict(meta, rows=[merge_repeats(v) for v in runs.values()]))
+            for impl, label, kw, variant in jobs:
+                if label in args.profile.split(","):
+                    path = out / f"profile_{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', label)}.md"
+                    run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset], device,
+                            out, args.profile_steps, [ProfileCallback(path, args.profile_steps)])
+                    print(f"{preset} {label} under torch.profiler, {path}:\n{path.read_text()}")
     report(out, meta, [merge_repeats(v) for v in runs.values()])
     return 0
 
 
 def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
     """The planner's cost table: each plan's step time over the fastest plan's, from this
-    preset's compiled rows of our Trainer (the lean loss through its own kernel)."""
+    preset's compiled rows of our Trainer, run as train.py runs them (no variant)."""
     steps = {r["label"].removeprefix("compiled "): r for r in rows
-             if r["preset"] == preset and r["impl"] == "ours" and not r.get("kernel")
+             if r["preset"] == preset and r["impl"] == "ours" and not r.get("variant")
              and r["label"].startswith("compiled ") and not r["oom"] and "failed" not in r}
     if not steps:
         raise ValueError(f"no compiled rows of preset {preset!r} in the report; run "
@@ -449,23 +539,27 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
             "step_ratio": {label: round(r["step_ms"] / fastest, 3) for label, r in steps.items()}}
 
 
-def run_row(preset, impl, label, kw, kernel, data_dir, args, shape, device, out) -> dict:
+def run_row(preset, impl, label, kw, variant, data_dir, args, shape, device, out,
+            steps: int | None = None, callbacks: list = ()) -> dict:
     """One run of one row, with what it is and what it cost in wall time."""
     release()
     # what an earlier row left allocated would count in this row's peak
     leftover = measure(device).current_gb if device.type == "cuda" else 0.0
     t0 = time.perf_counter()
-    snap = out / f"snapshot_{preset}.pickle" if args.snapshot == label else None
+    steps = steps or args.steps
+    callbacks = list(callbacks)
+    if args.snapshot == label:
+        callbacks.append(SnapshotCallback(out / f"snapshot_{preset}.pickle"))
     try:
         if impl == "hf":
-            r = run_hf(preset, kw["checkpointing"], args.steps, shape, device)
+            r = run_hf(preset, kw["checkpointing"], steps, shape, device, callbacks)
         elif impl == "whole":
-            r = run_whole(preset, kw, data_dir, args.steps, shape, device)
+            r = run_whole(preset, kw, data_dir, steps, shape, device, callbacks)
         else:
-            r = run_ours(preset, kw, kernel, data_dir, args.steps, shape, snap)
+            r = run_ours(preset, kw, variant, data_dir, steps, shape, callbacks)
     except Exception as e:  # one broken configuration must not void the others
         r = dict(oom=False, failed=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-    r.update(preset=preset, label=label, impl=impl, kernel=kernel, batch_size=shape[0],
+    r.update(preset=preset, label=label, impl=impl, variant=variant, batch_size=shape[0],
              block_size=shape[1], recompute=recompute_kind(kw if impl != "hf" else {}),
              wall_s=time.perf_counter() - t0, leftover_gb=leftover)
     return r
@@ -522,7 +616,7 @@ def run_train(data_dir: str, preset: str, extra: list[str], steps: int, metrics:
 
 def fastest_bench_row(bench: dict, preset: str, budget: float) -> dict | None:
     rows = [r for r in bench.get("rows", []) if r["preset"] == preset and r.get("impl") == "ours"
-            and not r.get("kernel") and r.get("peak_allocated_gb") is not None
+            and not r.get("variant") and r.get("peak_allocated_gb") is not None
             and r["peak_allocated_gb"] <= budget]
     return min(rows, key=lambda r: r["step_ms"], default=None)
 

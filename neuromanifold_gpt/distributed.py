@@ -96,22 +96,32 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+# Checkpoint policies whose runs compile each block and the loss alone instead of the whole
+# model, chosen by bench.py's "(per block)" rows on the H200.
+PER_BLOCK_POLICIES: frozenset[str] = frozenset()
+
+
+def compiles_per_block(config) -> bool:
+    """Whether a single process compiles this model block by block (FSDP2 always does)."""
+    return (config.gradient_checkpointing
+            and config.activation_checkpoint.checkpoint_policy in PER_BLOCK_POLICIES)
+
+
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool) -> nn.Module:
     """Compile and wrap `model` (checkpointing already applied); returns the module to train
     through: the DDP wrapper, or the model itself (FSDP2 shards it in place)."""
     blocks = model.transformer.h
-    if compile and info.parallelism != "fsdp":
-        # One graph for the whole model, the plain loss inside it (no fp32 logits). On the H200
-        # at GPT-2 124M, 12 x 1024, its step took 27.7 ms against 35.1 ms when each block and
-        # the loss were compiled alone, and 51.9 against 55.9 ms with block checkpointing and
-        # the lean loss; it compiles in about 40 s instead of 10 (bench.py, README).
-        model.compile()
-    elif compile:
+    if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
         # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
         # compile each block and the loss region alone, between those hooks (torchtitan's way)
         for block in blocks:
             block.compile()
         model.loss = torch.compile(model.loss)
+    elif compile:
+        # One graph for the whole model, the plain loss inside it (no fp32 logits). On the H200
+        # at GPT-2 124M, 12 x 1024, its step took 27.7 ms against 35.1 ms when each block and
+        # the loss were compiled alone; it compiles in about 40 s instead of 10 (bench.py, README).
+        model.compile()
     if info.parallelism == "ddp":
         # gradients live in DDP's all-reduce buckets instead of beside them: no second copy
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,

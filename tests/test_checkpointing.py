@@ -136,3 +136,18 @@ def test_state_dict_unchanged_and_no_double_apply():
     wrapped.load_state_dict(plain.state_dict())
     with pytest.raises(ValueError, match="already applied"):
         ckpt.apply_activation_checkpointing(wrapped, wrapped.config)
+
+
+@pytest.mark.parametrize("policy, per_block", [("block", True), ("mlp", False), (None, False)])
+def test_compile_unit_follows_the_policy(monkeypatch, policy, per_block):
+    """A single process compiles block by block under the policies PER_BLOCK_POLICIES names,
+    the whole model otherwise (compile is lazy: nothing is traced here)."""
+    from neuromanifold_gpt import distributed
+
+    monkeypatch.setattr(distributed, "PER_BLOCK_POLICIES", frozenset({"block"}))
+    model = make(**({"checkpoint_policy": policy} if policy else {}))
+    distributed.parallelize(model, distributed.DistInfo(), torch.device("cpu"), compile=True)
+    compiled = lambda m: getattr(m, "_compiled_call_impl", None) is not None  # noqa: E731
+    assert compiled(model) is not per_block
+    assert all(compiled(b) is per_block for b in model.transformer.h)
+    assert hasattr(model.loss, "_torchdynamo_orig_callable") is per_block

@@ -219,3 +219,35 @@ def test_compiled_coefficient_matches_what_the_partitioner_saves():
     counted = sum(saved) / (B * T * C)
     predicted = _kept_per_layer("none", compiled=True, a=2, dropout=False)
     assert abs(predicted / counted - 1) < 0.25, (predicted, counted)
+
+
+def test_bench_profile_sorts_the_device_time_by_kernel_kind(tmp_path):
+    """The profile summary from key_averages-like events, and --profile on the CPU."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    import bench
+
+    def event(key, device_us=0.0, cpu_us=0.0, count=2):
+        return SimpleNamespace(key=key, device_type=DeviceType.CUDA if device_us else DeviceType.CPU,
+                               self_device_time_total=device_us, self_cpu_time_total=cpu_us,
+                               cpu_time_total=cpu_us, count=count)
+
+    events = [event("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 1000.0),
+              event("triton_per_fused_native_layer_norm_0", 600.0, count=24),
+              event("_cce_backward_kernel", 400.0), event("Torch-Compiled Region: 0/0", cpu_us=300.0),
+              event("aten::mm", cpu_us=50.0)]
+    text = bench.profile_summary(events, steps=2, wall_s=0.002)
+    assert "step: 1.00 ms wall over 2 profiled steps" in text
+    assert "device busy: 1.00 ms a step (100% of the step)" in text
+    assert "| matmul (cuBLAS / CUTLASS) | 0.50 | 50.0% |" in text
+    assert "| compiled (inductor's Triton) | 0.30 | 30.0% |" in text
+    assert "| cut-cross-entropy | 0.20 | 20.0% |" in text
+    assert "| compiled forward | 0.15 |" in text
+    assert "| triton_per_fused_native_layer_norm_0 | 12 | 0.300 |" in text
+
+    assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path), "--only",
+                       "eager block", "--exact", "--profile", "eager block"]) == 0
+    text = (tmp_path / "profile_tiny_eager_block.md").read_text()
+    assert "| top CPU ops | calls a step | ms a step |" in text and "| aten::mm |" in text

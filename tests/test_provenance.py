@@ -2,8 +2,11 @@
 measured (a params-only change still pairs); the training-code hash follows dvc.yaml's
 training deps and nothing else; commit and dirty flag come from git, and are None outside it."""
 
+import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +85,18 @@ def test_commit_and_dirty_flag_come_from_git_and_are_none_outside_it(checkout):
     trainer = checkout / "neuromanifold_gpt/trainer.py"
     trainer.write_text(trainer.read_text() + "\n")
     assert provenance.run_provenance(cpu, checkout)["git_dirty"] is True
+
+
+def test_every_file_a_training_run_reads_is_a_dep_of_the_training_stages():
+    """What stages/train.py and train.py import from this checkout, and the planner's cost
+    table, are all training deps in dvc.yaml: a change to any of them re-measures."""
+    probe = ("import json, runpy, sys; runpy.run_path('stages/train.py'); import train; "
+             "from neuromanifold_gpt.planner import COSTS_FILE; "
+             "print(json.dumps([str(COSTS_FILE)] + [m.__file__ for m in list(sys.modules.values()) "
+             "if getattr(m, '__file__', None)]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    read = {Path(f).resolve() for f in json.loads(out)}
+    ours = {f for f in read if ROOT in f.parents and f.is_file()}
+    assert Path(ROOT / "neuromanifold_gpt/trainer.py") in ours  # the probe saw the package
+    assert sorted(f.relative_to(ROOT).as_posix() for f in ours - set(provenance.code_files(ROOT))) == []
