@@ -514,7 +514,7 @@ def main(argv=None) -> int:
                     write_json(out / "bench.json", dict(meta, rows=[merge_repeats(v) for v in runs.values()]))
             for impl, label, kw, variant in jobs:
                 if label in args.profile.split(","):
-                    path = out / f"profile_{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', label)}.md"
+                    path = out / f"profile_{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.md"
                     run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset], device,
                             out, args.profile_steps, [ProfileCallback(path, args.profile_steps)])
                     print(f"{preset} {label} under torch.profiler, {path}:\n{path.read_text()}")
@@ -638,24 +638,6 @@ def check_plans(args) -> int:
         for preset in VOCAB:
             ids = np.random.default_rng(0).integers(0, VOCAB[preset], 2_000_000)
             write_dataset(Path(data_dir) / preset, ids, dict(vocab_size=VOCAB[preset]))
-        if "batch" in tables:
-            for preset in args.batch_presets.split(","):
-                for policy, flags in PLAN_POLICIES.items():
-                    r = run_train(data_dir, preset, ["--batch_size", "auto", *flags], PLAN_BATCH_STEPS,
-                                  out / f"batch_{preset}_{policy.replace(' ', '')}.json")
-                    r["plan"] = policy
-                    results["batch"].append(r)
-                    print(json.dumps(r), flush=True)
-                    write_json(out / "plans.json", results)
-            lines += ["| preset | plan | recommended batch | predicted GiB | measured GiB | error % | "
-                      "reserved GiB | ran |", "|---|---|---|---|---|---|---|---|"]
-            for r in results["batch"]:
-                err = (r["predicted_gb"] / r["peak_gb"] - 1) * 100 if r["peak_gb"] else None
-                ran = "yes" if r["exit"] == 0 else f"no (exit {r['exit']})"
-                lines.append(f"| {r['preset']} | {r['plan']} | {r['batch_size']} | "
-                             f"{fmt(r['predicted_gb'], '.2f')} | {fmt(r['peak_gb'], '.2f')} | "
-                             f"{fmt(err, '+.1f')} | {fmt(r['reserved_gb'], '.2f')} | {ran} |")
-            lines.append("")
         if "budget" in tables:
             for preset in args.budget_presets.split(","):
                 for budget in budgets:
@@ -680,6 +662,24 @@ def check_plans(args) -> int:
                              f"{fmt(r['predicted_gb'], '.2f')} | {fmt(r['peak_gb'], '.2f')} | {within} | "
                              f"{fmt(r['step_ms'], '.1f')} | {r['bench_row'] or ''} | "
                              f"{fmt(r['bench_step_ms'], '.1f')} | {fmt(ratio, '.2f')} |")
+        if "batch" in tables:
+            for preset in args.batch_presets.split(","):
+                for policy, flags in PLAN_POLICIES.items():
+                    r = run_train(data_dir, preset, ["--batch_size", "auto", *flags], PLAN_BATCH_STEPS,
+                                  out / f"batch_{preset}_{policy.replace(' ', '')}.json")
+                    r["plan"] = policy
+                    results["batch"].append(r)
+                    print(json.dumps(r), flush=True)
+                    write_json(out / "plans.json", results)
+            lines += ["| preset | plan | recommended batch | predicted GiB | measured GiB | error % | "
+                      "reserved GiB | ran |", "|---|---|---|---|---|---|---|---|"]
+            for r in results["batch"]:
+                err = (r["predicted_gb"] / r["peak_gb"] - 1) * 100 if r["peak_gb"] else None
+                ran = "yes" if r["exit"] == 0 else f"no (exit {r['exit']})"
+                lines.append(f"| {r['preset']} | {r['plan']} | {r['batch_size']} | "
+                             f"{fmt(r['predicted_gb'], '.2f')} | {fmt(r['peak_gb'], '.2f')} | "
+                             f"{fmt(err, '+.1f')} | {fmt(r['reserved_gb'], '.2f')} | {ran} |")
+            lines.append("")
     text = "\n".join(lines) + "\n"
     with atomic_path(out / "plans.md") as tmp:
         tmp.write_text(text)

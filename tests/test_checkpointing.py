@@ -138,14 +138,17 @@ def test_state_dict_unchanged_and_no_double_apply():
         ckpt.apply_activation_checkpointing(wrapped, wrapped.config)
 
 
-@pytest.mark.parametrize("policy, per_block", [("block", True), ("mlp", False), (None, False)])
-def test_compile_unit_follows_the_policy(monkeypatch, policy, per_block):
-    """A single process compiles block by block under the policies PER_BLOCK_POLICIES names,
-    the whole model otherwise (compile is lazy: nothing is traced here)."""
+@pytest.mark.parametrize("ckpt, lean, per_block", [
+    (dict(checkpoint_policy="block"), True, True), (dict(checkpoint_policy="block"), False, False),
+    (dict(checkpoint_policy="block", checkpoint_every=2), True, False),
+    (dict(checkpoint_policy="mlp"), True, False), ({}, True, False)])
+def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
+    """A single process compiles block by block with every block checkpointed and the lean
+    loss, the whole model otherwise (compile is lazy: nothing is traced here)."""
     from neuromanifold_gpt import distributed
 
-    monkeypatch.setattr(distributed, "PER_BLOCK_POLICIES", frozenset({"block"}))
-    model = make(**({"checkpoint_policy": policy} if policy else {}))
+    model = make(**ckpt)
+    model.config.memory_levers.lean_loss = lean
     distributed.parallelize(model, distributed.DistInfo(), torch.device("cpu"), compile=True)
     compiled = lambda m: getattr(m, "_compiled_call_impl", None) is not None  # noqa: E731
     assert compiled(model) is not per_block

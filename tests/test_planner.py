@@ -28,7 +28,8 @@ def test_left_to_the_machine_compile_and_lean_loss_follow_device_and_size():
         cfg = resolve_auto(TrainConfig.from_flags(preset=preset, **kw), vocab, device)
         return cfg.compile, cfg.memory_levers.lean_loss
 
-    assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, True)
+    assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, False)  # exact lean loss: 1.5x the step
+    assert auto("gpt2", "cuda", GPT2_VOCAB, lean_loss=True) == (True, True)
     assert auto("shakespeare_char", "cuda", 65) == (False, False)  # eager was as fast, no logits to spare
     assert auto("gpt2", "cpu", GPT2_VOCAB) == (False, False)
     assert auto("gpt2", "cuda", GPT2_VOCAB, compile=False, lean_loss=False) == (False, False)
