@@ -7,7 +7,6 @@ diverged loss is read from the metrics the run wrote."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from .config.cli import parse_args
 from .errors import EXIT_NON_FINITE, EXIT_OOM
+from .files import read_json
 from .params import processes, run_device_type, run_files, training_args
 from .trainer import check_run
 
@@ -77,10 +77,8 @@ def _status(returncode: int, metrics: Path, started_ns: int) -> int:
     try:
         if metrics.stat().st_mtime_ns < started_ns:
             return returncode  # an older run's file
-        record = json.loads(metrics.read_text())
+        record = read_json(metrics)
     except (OSError, ValueError):
-        return returncode
-    if not isinstance(record, dict):
         return returncode
     if record.get("oom") is True:
         return EXIT_OOM

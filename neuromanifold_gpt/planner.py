@@ -111,9 +111,7 @@ class Setup:
 
     cfg: TrainConfig  # compile, lean_loss and batch_size concrete; a budget's plan applied
     prediction: MemoryPrediction  # of cfg
-    free_gb: float  # free on the device at start (the least over ranks)
-    device_gb: float
-    recommended: int  # the largest batch predicted to fit in HEADROOM[device] x free_gb
+    recommended: int  # the largest batch predicted to fit in HEADROOM[device] x free memory
     lever: tuple[str, int] | None  # the one change that raises it most, and to what
     lines: list[str]  # the startup report's memory lines
 
@@ -215,7 +213,7 @@ class Planner:
         more = f" (with {lever[0]}: {lever[1]})" if lever else ""
         lines.append(f"recommended batch size: {recommended}{more} for {free_gb:.1f} GiB free of "
                      f"{device_gb:.1f} GiB ({self.device_type})")
-        return Setup(resolved, prediction, free_gb, device_gb, recommended, lever, lines)
+        return Setup(resolved, prediction, recommended, lever, lines)
 
 
 def _lever_fix(lever: tuple[str, int] | None) -> str:

@@ -61,9 +61,10 @@ def _code_entries(root: Path) -> list[str]:
     return [d for d in deps if "${" not in d and d not in produced]
 
 
-def code_files(root: Path = ROOT) -> list[Path]:
+def code_files(root: Path = ROOT, entries: list[str] | None = None) -> list[Path]:
+    """entries: _code_entries(root), when the caller has already read them."""
     files = []
-    for entry in _code_entries(root):
+    for entry in _code_entries(root) if entries is None else entries:
         path = root / entry
         found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         files += [p for p in found if not any(part in IGNORED or p.suffix in IGNORED
@@ -71,12 +72,12 @@ def code_files(root: Path = ROOT) -> list[Path]:
     return files
 
 
-def code_hash(root: Path = ROOT) -> str | None:
+def code_hash(root: Path = ROOT, entries: list[str] | None = None) -> str | None:
     """sha256 over the training code's paths and contents (None outside a checkout)."""
     if not (root / "dvc.yaml").is_file():
         return None
     h = hashlib.sha256()
-    for path in code_files(root):
+    for path in code_files(root, entries):
         h.update(f"{path.relative_to(root).as_posix()}\0".encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -95,11 +96,13 @@ def run_provenance(device: torch.device, root: Path = ROOT) -> dict:
     """A run's metrics keys on its origin; git_commit and git_dirty are None outside git.
     git_dirty: the training code differs from git_commit (the pipeline's own outputs always
     change during a run, so the whole tree's state would say nothing)."""
+    entries = _code_entries(root) if (root / "dvc.yaml").is_file() else None
     commit = _git(root, "rev-parse", "HEAD")
     dirty = None
-    if commit and (root / "dvc.yaml").is_file():
-        status = _git(root, "status", "--porcelain", "--", *_code_entries(root))
+    if commit and entries is not None:
+        status = _git(root, "status", "--porcelain", "--", *entries)
         dirty = None if status is None else bool(status.strip())
-    return {"git_commit": commit.strip() if commit else None, "git_dirty": dirty,
-            "code_hash": code_hash(root),
+    return {"torch_version": torch.__version__,
+            "git_commit": commit.strip() if commit else None, "git_dirty": dirty,
+            "code_hash": code_hash(root, entries),
             "cuda_version": torch.version.cuda if device.type == "cuda" else None}

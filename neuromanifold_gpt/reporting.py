@@ -99,19 +99,18 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         "device": t.device.type,
         "device_name": device_name(t.device),
         "dtype": str(t.dtype).replace("torch.", ""),
-        "torch_version": torch.__version__,
-        **run_provenance(t.device),  # commit, dirty flag, training-code hash, CUDA version
+        **run_provenance(t.device),  # torch version, commit, dirty flag, training-code hash, CUDA version
         "world_size": t.dist.world_size,
         "parallelism": t.dist.parallelism,
         "peak_memory_gb": max(p for p, _ in peaks) if measured else None,
         "peak_memory_gb_per_rank": [p for p, _ in peaks] if measured else None,
         "peak_reserved_gb": max(r for _, r in peaks) if measured else None,
         "peak_memory_source": t.memory.source,
-        "predicted_peak_gb": t.prediction.peak_gb,
+        "predicted_peak_gb": t.setup.prediction.peak_gb,
         # allocator peaks only: a CPU run measures the whole process's resident memory
-        "predicted/measured": t.prediction.peak_gb / max(p for p, _ in peaks)
+        "predicted/measured": t.setup.prediction.peak_gb / max(p for p, _ in peaks)
         if measured and t.device.type == "cuda" else None,
-        "recommended_batch_size": t.recommended_batch_size,
+        "recommended_batch_size": t.setup.recommended,
         "compile": t.compile,
         "lean_loss": levers.lean_loss,
         "offload_activations": levers.offload_activations,
@@ -135,12 +134,11 @@ def oom_record(trainer, error: Exception) -> tuple[dict, str]:
     b, advice = planner.oom_advice(t.setup, t.batch_size)
     metrics = {"preset": t.cfg.preset, "oom": True, "error": str(error).splitlines()[0],
                "batch_size": t.batch_size, "block_size": t.block_size,
-               "predicted_peak_gb": t.prediction.peak_gb,
+               "predicted_peak_gb": t.setup.prediction.peak_gb,
                "device_memory_gb": t.device_gb, "recommended_batch_size": b,
-               "device_name": device_name(t.device), "torch_version": torch.__version__,
-               **run_provenance(t.device)}
+               "device_name": device_name(t.device), **run_provenance(t.device)}
     message = (f"batch_size {t.batch_size} x {t.block_size} needs about "
-               f"{t.prediction.peak_gb:.1f} GiB (predicted); the device has "
+               f"{t.setup.prediction.peak_gb:.1f} GiB (predicted); the device has "
                f"{t.device_gb:.1f} GiB ({t.free_gb:.1f} GiB free at start); use {advice}")
     return metrics, message
 
@@ -152,7 +150,7 @@ def nonfinite_record(trainer, error: Exception) -> dict:
             "nonfinite_step": t.iter_num, "error": str(error), "batch_size": t.batch_size,
             "block_size": t.block_size, "learning_rate": t.cfg.learning_rate,
             "device": t.device.type, "device_name": device_name(t.device),
-            "torch_version": torch.__version__, **run_provenance(t.device)}
+            **run_provenance(t.device)}
 
 
 def write_run_files(cfg: TrainConfig, metrics: dict, trace_rows: list[tuple]) -> None:

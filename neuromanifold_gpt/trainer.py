@@ -51,13 +51,6 @@ class Trainer:
         self.loader.batch_size = self.batch_size
         self.model_config = cfg.model_config(self.loader.vocab_size, self.block_size)
         self.compile = cfg.compile
-        budget = cfg.memory_levers.activation_memory_budget
-        if budget < 1.0 and not self.compile:
-            raise ValueError(f"activation_memory_budget={budget} acts only "
-                             f"on compiled blocks and compile is off on {self.device.type}; set "
-                             f"--compile true or the budget to 1")
-        self.prediction = self.setup.prediction
-        self.recommended_batch_size = self.setup.recommended
         self.memory = MemoryMonitorCallback(self.device)
         self.callbacks = [self.memory] + list(callbacks or [])
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
@@ -81,9 +74,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
         # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2);
         # DDP's constructor broadcasts the weights
-        self.apart = True
         self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
-        self.apart = False
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if cfg.init_from == "resume":
             self.apart = self.dist.parallelism == "fsdp"  # FSDP2 scatters the loaded state
@@ -184,6 +175,7 @@ class Trainer:
             self.log(line)
         tokens_per_iter = self.batch_size * self.block_size * cfg.gradient_accumulation_steps
         peak_flops = reporting.peak_flops(self.device, self.dist.world_size)
+        flops_per_iter = reporting.flops_per_token(self.model) * tokens_per_iter
         step_times, losses, evals = [], [], {}
         start_iter, first = self.iter_num, True
         self.model.train()
@@ -214,8 +206,7 @@ class Trainer:
                 record = {"iter": self.iter_num, "loss": loss, "time_ms": dt * 1000,
                           "tokens_per_sec": tokens_per_iter / dt}
                 if peak_flops:
-                    record["mfu"] = (reporting.flops_per_token(self.model) * tokens_per_iter / dt
-                                     / peak_flops)
+                    record["mfu"] = flops_per_iter / dt / peak_flops
                 for cb in self.callbacks:
                     getattr(cb, "on_log", lambda r: None)(record)
                 self.log(reporting.format_log_line(record))
