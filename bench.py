@@ -277,6 +277,22 @@ def timed_steps(step, steps: int, tokens: int, device: torch.device, callbacks: 
                 memory_source=measure(device).source)
 
 
+def plain_step(loss_of, model, optimizer, vocab: int, shape, device: torch.device, clip: float):
+    """One step of a plain loop on random tokens: bf16 autocast on CUDA, clipping, AdamW."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def step():
+        x = torch.randint(0, vocab, shape, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run_whole(preset: str, overrides: dict, data_dir: str, steps: int, shape,
               device: torch.device, callbacks: list) -> dict:
     """Our model under one torch.compile of the whole model, trained by a plain loop: bf16
@@ -287,17 +303,7 @@ def run_whole(preset: str, overrides: dict, data_dir: str, steps: int, shape,
     model = build_model(cfg.model_config(vocab, T)).to(device)
     model.compile()
     optimizer = make_optimizer(model, cfg, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def step():
-        x = torch.randint(0, vocab, (B, T), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(x, x)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = plain_step(lambda x: model(x, x)[1], model, optimizer, vocab, shape, device, cfg.grad_clip)
     return dict(timed_steps(step, steps, B * T, device, callbacks), compile=True)
 
 
@@ -318,17 +324,8 @@ def run_hf(preset: str, checkpointing: bool, steps: int, shape, device: torch.de
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                                   fused=device.type == "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def step():
-        x = torch.randint(0, VOCAB[preset], (B, T), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = plain_step(lambda x: model(input_ids=x, labels=x).loss, model, optimizer, VOCAB[preset],
+                      shape, device, 1.0)
     return dict(timed_steps(step, steps, B * T, device, callbacks), compile=False)
 
 
