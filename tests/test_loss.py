@@ -57,6 +57,27 @@ def test_bf16_autocast_matches_plain_within_bf16_rounding():
     assert (gw - w.grad).norm() / w.grad.norm() < 1e-2
 
 
+def test_bf16_autocast_keeps_a_shared_direction_of_the_head():
+    """GPT-2's vocabulary, a head whose rows share a direction (as a trained head's do): the
+    gradient's sum of p * w over the vocabulary then cancels the target row's share of it, and
+    only sums kept in fp32 survive that (cut-cross-entropy 25.1.1's bf16 sums do not,
+    tests/test_gpu.py). Against fp64."""
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 512, 768, 50304
+    x = torch.randn(N, C, generator=g).requires_grad_()
+    common = 0.02 * torch.randn(C, generator=g)
+    w = (0.02 * torch.randn(V, C, generator=g) + common).requires_grad_()
+    t = torch.randint(0, 50257, (N,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean = linear_cross_entropy(x, w, t, chunk=64)
+    lean.backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    F.cross_entropy(x.double() @ w.double().t(), t).backward()
+    assert (gx - x.grad).norm() / x.grad.norm() < 1e-2
+    assert (gw - w.grad).norm() / w.grad.norm() < 1e-2
+
+
 def _model_pair(**kw):
     cfg = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     cfg.update(kw)
