@@ -5,6 +5,7 @@ shape, all in the same process.
     python3 bench.py                      # CUDA: gpt2, gpt2-medium (12 x 1024), shakespeare_char (64 x 256)
     python3 bench.py --presets gpt2 --repeat 3 --only "reference,compiled none,compiled block +lean"
     python3 bench.py --snapshot "compiled block +lean"   # also dump that row's CUDA memory history
+    python3 bench.py --presets gpt2 --only "compiled block +lean" --profile "compiled block +lean"
     python3 bench.py --quick              # CPU smoke run: tiny shapes, eager, a few seconds
     python3 bench.py --plans batch,budget --against out/bench/bench.json --out_dir out/plans
 
@@ -18,8 +19,12 @@ inductor's on-disk caches, so a repeat rebuilds a row in seconds.
 The reference is a whole-model torch.compile of our model with the plain F.cross_entropy and
 no checkpointing, trained by a plain loop; the baseline is our fastest configuration without
 recompute or offload. HF runs GPT2LMHeadModel eager, as its users do, with and without
-gradient_checkpointing_enable(). Rows marked (liger) or (chunked) run Liger's fused
-linear cross-entropy or our chunked one in place of cut-cross-entropy's kernel.
+gradient_checkpointing_enable(). A lean-loss row's variants: (liger) or (chunked) run Liger's
+fused linear cross-entropy or our chunked one in place of cut-cross-entropy's kernel, (cce
+filtered) that kernel with its default gradient filter, (per block) or (whole model) the compile
+unit the plan does not use by default. --profile LABEL runs that row again after the bench,
+under torch.profiler for --profile_steps steps, and writes where its step's time goes by kind of
+kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
 vs step time per preset, with the Pareto front).
 
@@ -90,10 +95,11 @@ VARIANTS = {
     **{name: functools.partial(_loss_kernel, name) for name in LOSS_KERNELS},
     # cut-cross-entropy skipping the gradient blocks of small probabilities, its default
     "cce filtered": lambda: mock.patch.object(loss_module, "CCE_FILTER_EPS", "high"),
-    # each block and the loss compiled alone; "whole model" the opposite
+    # the compile unit a plan does not use by default (distributed.compiles_per_block)
     "per block": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: True),
     "whole model": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: False),
 }
+COMPILE_UNITS = ("per block", "whole model")
 
 
 def row_settings(fields: dict, compile: bool) -> dict:
@@ -113,8 +119,10 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     for label, kw in PLANS:
         compiled.append((f"compiled {label}", row_settings(kw, True), None))
         if label in ("none +lean", "block +lean"):
+            per_block = distributed.compiles_per_block(TrainConfig.from_flags(**kw).model_config(65))
+            variants = [v for v in VARIANTS if v not in COMPILE_UNITS] + [COMPILE_UNITS[per_block]]
             compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
-                         for variant in VARIANTS]
+                         for variant in variants]
     return eager + compiled
 
 
@@ -142,7 +150,7 @@ class SnapshotCallback:
 
 # Where a CUDA kernel's time goes, by its name (first match wins)
 KERNEL_KINDS = [
-    ("cut-cross-entropy", re.compile(r"cce", re.I)),
+    ("cut-cross-entropy", re.compile(r"(^|_)cce_")),
     ("compiled (inductor's Triton)", re.compile(r"^triton_")),
     ("matmul (cuBLAS / CUTLASS)", re.compile(r"gemm|xmma|cutlass|nvjet|cublas", re.I)),
     ("attention (flash / SDPA)", re.compile(r"flash|fmha|attention", re.I)),
@@ -159,7 +167,9 @@ def profile_summary(events, steps: int, wall_s: float, top: int = 15) -> str:
     """torch.profiler's key_averages over `steps` steps as text: the step, the device time by
     kind of kernel, the CPU time inside compiled regions and the top kernels (per step)."""
     per_step = lambda us: us / 1000 / steps  # noqa: E731
-    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]
+    # device work only: a user annotation (record_function, Optimizer.step) spans its kernels
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.self_device_time_total > 0
+               and not e.is_user_annotation]
     step_ms = 1000 * wall_s / steps
     lines = [f"step: {step_ms:.2f} ms wall over {steps} profiled steps (the profiler's own "
              "overhead included)"]
@@ -438,8 +448,10 @@ def main(argv=None) -> int:
     parser.add_argument("--against", default="", metavar="JSON",
                         help="with --plans: the bench.json to compare the budget plans with")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeat < 1:
-        raise ValueError("--steps and --repeat must be at least 1")
+    if args.steps < 1 or args.repeat < 1 or args.profile_steps < 1:
+        raise ValueError("--steps, --repeat and --profile_steps must be at least 1")
+    if args.profile and (args.plans or args.report):
+        raise ValueError("--profile runs bench rows; it does not go with --plans or --report")
     if args.exact and not args.only:
         raise ValueError("--exact matches whole labels given by --only; name the rows with --only")
     if args.plans:
@@ -449,6 +461,7 @@ def main(argv=None) -> int:
         for path in args.report.split(","):
             data = read_json(path, required=("rows",))
             for r in data.pop("rows"):
+                r.setdefault("variant", r.pop("kernel", None))  # its name in older files
                 merged[r["preset"], r["label"]] = r
             meta = dict(data, sources=meta.get("sources", []) + [path])
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
@@ -477,27 +490,25 @@ def main(argv=None) -> int:
         have_hf = True
     except ImportError:
         have_hf = False
+    jobs = {preset: bench_jobs(preset, args, have_hf) for preset in presets}
+    unknown = [label for label in filter(None, args.profile.split(","))
+               if all(label not in (job[1] for job in js) for js in jobs.values())]
+    if unknown:
+        raise ValueError(f"--profile {unknown[0]!r} is not a row of this run; name a row that "
+                         f"--only selects, e.g. {next(iter(jobs.values()))[0][1]!r}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch_version=torch.__version__, steps=args.steps, repeat=args.repeat,
                 transformers_version=transformers.__version__ if have_hf else None)
     runs: dict[tuple[str, str], list[dict]] = {}
-    parts = args.only.split(",")  # "" (every row) is in every label
     with tempfile.TemporaryDirectory() as data_dir:
         for preset in presets:
             vocab = VOCAB.get(preset, 65)
             ids = np.random.default_rng(0).integers(0, vocab, 64 * shapes[preset][1] * 16)
             write_dataset(Path(data_dir) / f"bench_{preset}", ids, dict(vocab_size=vocab))
-            jobs = [("hf", label, {"checkpointing": "checkpointing" in label}, None)
-                    for label in ("HF eager", "HF eager +gradient checkpointing")
-                    if have_hf and preset != "tiny"]
-            jobs += [("whole", label, kw, None) for label, kw in whole_rows() if preset != "tiny"]
-            jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
-            jobs = [job for job in jobs
-                    if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
             for rep in range(args.repeat):
-                for impl, label, kw, variant in jobs:
+                for impl, label, kw, variant in jobs[preset]:
                     r = run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset],
                                 device, out)
                     runs.setdefault((preset, label), []).append(r)
@@ -509,14 +520,28 @@ def main(argv=None) -> int:
                         f"  ({r['wall_s']:.0f} s, run {rep + 1}/{args.repeat})", flush=True)
                     # a cut-short run keeps what it measured
                     write_json(out / "bench.json", dict(meta, rows=[merge_repeats(v) for v in runs.values()]))
-            for impl, label, kw, variant in jobs:
+            for impl, label, kw, variant in jobs[preset]:
                 if label in args.profile.split(","):
                     path = out / f"profile_{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.md"
-                    run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset], device,
-                            out, args.profile_steps, [ProfileCallback(path, args.profile_steps)])
-                    print(f"{preset} {label} under torch.profiler, {path}:\n{path.read_text()}")
+                    path.unlink(missing_ok=True)  # an earlier run's profile is not this one's
+                    r = run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset],
+                                device, out, args.profile_steps,
+                                [ProfileCallback(path, args.profile_steps)])
+                    print(f"{preset} {label} under torch.profiler: " + (
+                        "OOM" if r["oom"] else r.get("failed") or f"{path}\n{path.read_text()}"))
     report(out, meta, [merge_repeats(v) for v in runs.values()])
     return 0
+
+
+def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
+    """(impl, label, overrides, variant) of every row this run measures for the preset."""
+    jobs = [("hf", label, {"checkpointing": "checkpointing" in label}, None)
+            for label in ("HF eager", "HF eager +gradient checkpointing")
+            if have_hf and preset != "tiny"]
+    jobs += [("whole", label, kw, None) for label, kw in whole_rows() if preset != "tiny"]
+    jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
+    parts = args.only.split(",")  # "" (every row) is in every label
+    return [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
 
 
 def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
@@ -543,10 +568,10 @@ def run_row(preset, impl, label, kw, variant, data_dir, args, shape, device, out
     # what an earlier row left allocated would count in this row's peak
     leftover = measure(device).current_gb if device.type == "cuda" else 0.0
     t0 = time.perf_counter()
-    steps = steps or args.steps
     callbacks = list(callbacks)
-    if args.snapshot == label:
+    if args.snapshot == label and steps is None:  # a timed run's snapshot, not a profiled one's
         callbacks.append(SnapshotCallback(out / f"snapshot_{preset}.pickle"))
+    steps = steps or args.steps
     try:
         if impl == "hf":
             r = run_hf(preset, kw["checkpointing"], steps, shape, device, callbacks)
@@ -659,6 +684,7 @@ def check_plans(args) -> int:
                              f"{fmt(r['predicted_gb'], '.2f')} | {fmt(r['peak_gb'], '.2f')} | {within} | "
                              f"{fmt(r['step_ms'], '.1f')} | {r['bench_row'] or ''} | "
                              f"{fmt(r['bench_step_ms'], '.1f')} | {fmt(ratio, '.2f')} |")
+            lines.append("")
         if "batch" in tables:
             for preset in args.batch_presets.split(","):
                 for policy, flags in PLAN_POLICIES.items():

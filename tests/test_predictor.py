@@ -177,6 +177,13 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
      "error: --budgets '3,lots': expected GiB as numbers, comma-separated"),
     (["--quick", "--exact"],
      "error: --exact matches whole labels given by --only; name the rows with --only"),
+    (["--quick", "--only", "eager none", "--exact", "--profile", "eager blok"],
+     "error: --profile 'eager blok' is not a row of this run; name a row that --only selects, "
+     "e.g. 'eager none'"),
+    (["--quick", "--profile", "eager none", "--profile_steps", "0"],
+     "error: --steps, --repeat and --profile_steps must be at least 1"),
+    (["--plans", "budget", "--profile", "eager none"],
+     "error: --profile runs bench rows; it does not go with --plans or --report"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import bench
@@ -229,12 +236,14 @@ def test_bench_profile_sorts_the_device_time_by_kernel_kind(tmp_path):
 
     import bench
 
-    def event(key, device_us=0.0, cpu_us=0.0, count=2):
+    def event(key, device_us=0.0, cpu_us=0.0, count=2, annotation=False):
         return SimpleNamespace(key=key, device_type=DeviceType.CUDA if device_us else DeviceType.CPU,
                                self_device_time_total=device_us, self_cpu_time_total=cpu_us,
-                               cpu_time_total=cpu_us, count=count)
+                               cpu_time_total=cpu_us, count=count, is_user_annotation=annotation)
 
     events = [event("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 1000.0),
+              # a range around kernels listed on their own: not device work of its own
+              event("Optimizer.step#AdamW.step", 700.0, count=1, annotation=True),
               event("triton_per_fused_native_layer_norm_0", 600.0, count=24),
               event("_cce_backward_kernel", 400.0), event("Torch-Compiled Region: 0/0", cpu_us=300.0),
               event("aten::mm", cpu_us=50.0)]
