@@ -61,11 +61,13 @@ from neuromanifold_gpt import build_model, distributed
 from neuromanifold_gpt import loss as loss_module
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.device import device_name
 from neuromanifold_gpt.errors import TrainingOOM, entry_point
 from neuromanifold_gpt.files import atomic_path, read_json, write_json
 from neuromanifold_gpt.loss import LinearCrossEntropyLoss, linear_cross_entropy
-from neuromanifold_gpt.memory import measure, reset_peak
+from neuromanifold_gpt.memory import MemoryMonitorCallback, measure
 from neuromanifold_gpt.optim import make_optimizer
+from neuromanifold_gpt.params import _arg
 from neuromanifold_gpt.planner import COSTS_FILE, PLANS, use_expandable_segments
 from neuromanifold_gpt.plots import plot_bench
 from neuromanifold_gpt.trainer import Trainer, train
@@ -124,11 +126,6 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
             compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
                          for variant in variants]
     return eager + compiled
-
-
-def whole_rows() -> list[tuple[str, dict]]:
-    """(label, overrides) run by run_whole: the reference."""
-    return [(REFERENCE, dict(PLANS)["none"])]
 
 
 class SnapshotCallback:
@@ -264,7 +261,8 @@ def run_ours(preset: str, overrides: dict, variant: str | None, data_dir: str, s
 def timed_steps(step, steps: int, tokens: int, device: torch.device, callbacks: list) -> dict:
     """One warm-up step, then `steps` timed ones: median step time and the peaks over them.
     The callbacks are called as the Trainer calls them."""
-    times, peaks, reserved = [], [], []
+    monitor = MemoryMonitorCallback(device)  # the Trainer's peak over the steps after warm-up
+    times = []
     try:
         for i in range(steps + 1):
             t0 = time.perf_counter()
@@ -273,18 +271,14 @@ def timed_steps(step, steps: int, tokens: int, device: torch.device, callbacks: 
                 torch.cuda.synchronize(device)
             if i:  # the first step is warm-up, as in the Trainer
                 times.append(time.perf_counter() - t0)
-                m = measure(device)
-                peaks.append(m.peak_gb)
-                reserved.append(m.peak_reserved_gb)
-            reset_peak(device)
-            for cb in callbacks:
+            for cb in [monitor, *callbacks]:
                 (cb.on_step_end(i) if i else cb.on_warmup_end())
     except torch.cuda.OutOfMemoryError as e:
         return dict(oom=True, error=str(e).splitlines()[0])
     median = statistics.median(times)
-    return dict(oom=False, peak_allocated_gb=max(peaks), peak_reserved_gb=max(reserved),
+    return dict(oom=False, peak_allocated_gb=monitor.peak_gb, peak_reserved_gb=monitor.peak_reserved_gb,
                 step_ms=median * 1000, tokens_per_s=tokens / median, predicted_gb=None,
-                memory_source=measure(device).source)
+                memory_source=monitor.source)
 
 
 def plain_step(loss_of, model, optimizer, vocab: int, shape, device: torch.device, clip: float):
@@ -354,14 +348,19 @@ def merge_repeats(runs: list[dict]) -> dict:
     return row
 
 
+def ours_as_run(rows: list[dict], preset: str) -> list[dict]:
+    """The preset's rows of our Trainer run as train.py runs them (no variant) that measured."""
+    return [r for r in rows if r["preset"] == preset and r["impl"] == "ours" and not r.get("variant")
+            and not r["oom"] and "failed" not in r]
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Ratios to our baseline and to HF. The baseline is our best configuration without
     recompute or offload: the lowest peak among those within TIE of the fastest one's step
     (closer than that is timing noise, not a speed difference)."""
     for preset in dict.fromkeys(r["preset"] for r in rows):
         ok = [r for r in rows if r["preset"] == preset and not r["oom"] and "failed" not in r]
-        plain = [r for r in ok if r["impl"] == "ours" and r["recompute"] == "none"
-                 and not r.get("variant")]
+        plain = [r for r in ours_as_run(rows, preset) if r["recompute"] == "none"]
         fastest = min((r["step_ms"] for r in plain), default=None)
         ties = [r for r in plain if r["step_ms"] <= (1 + TIE) * fastest] if plain else []
         base = min(ties, key=lambda r: r["peak_allocated_gb"]) if ties else None
@@ -491,14 +490,17 @@ def main(argv=None) -> int:
     except ImportError:
         have_hf = False
     jobs = {preset: bench_jobs(preset, args, have_hf) for preset in presets}
-    unknown = [label for label in filter(None, args.profile.split(","))
-               if all(label not in (job[1] for job in js) for js in jobs.values())]
-    if unknown:
-        raise ValueError(f"--profile {unknown[0]!r} is not a row of this run; name a row that "
-                         f"--only selects, e.g. {next(iter(jobs.values()))[0][1]!r}")
+    for option, labels in (("--profile", args.profile.split(",")), ("--snapshot", [args.snapshot])):
+        unknown = [label for label in filter(None, labels)
+                   if all(label not in (job[1] for job in js) for js in jobs.values())]
+        if unknown:
+            raise ValueError(f"{option} {unknown[0]!r} is not a row of this run; name a row that "
+                             f"--only selects, e.g. {next(iter(jobs.values()))[0][1]!r}")
+    if args.snapshot and device.type != "cuda":
+        raise ValueError("--snapshot records the CUDA allocator's history; run it on a GPU")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    meta = dict(device=device_name(device),
                 torch_version=torch.__version__, steps=args.steps, repeat=args.repeat,
                 transformers_version=transformers.__version__ if have_hf else None)
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -509,8 +511,10 @@ def main(argv=None) -> int:
             write_dataset(Path(data_dir) / f"bench_{preset}", ids, dict(vocab_size=vocab))
             for rep in range(args.repeat):
                 for impl, label, kw, variant in jobs[preset]:
-                    r = run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset],
-                                device, out)
+                    snapshot = ([SnapshotCallback(out / f"snapshot_{preset}.pickle")]
+                                if args.snapshot == label else [])
+                    r = run_row(preset, impl, label, kw, variant, data_dir, shapes[preset], device,
+                                args.steps, snapshot)
                     runs.setdefault((preset, label), []).append(r)
                     print(f"{preset:16s} {label:42s} " + (
                         "OOM" if r["oom"] else r["failed"] if "failed" in r else
@@ -524,9 +528,8 @@ def main(argv=None) -> int:
                 if label in args.profile.split(","):
                     path = out / f"profile_{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.md"
                     path.unlink(missing_ok=True)  # an earlier run's profile is not this one's
-                    r = run_row(preset, impl, label, kw, variant, data_dir, args, shapes[preset],
-                                device, out, args.profile_steps,
-                                [ProfileCallback(path, args.profile_steps)])
+                    r = run_row(preset, impl, label, kw, variant, data_dir, shapes[preset], device,
+                                args.profile_steps, [ProfileCallback(path, args.profile_steps)])
                     print(f"{preset} {label} under torch.profiler: " + (
                         "OOM" if r["oom"] else r.get("failed") or f"{path}\n{path.read_text()}"))
     report(out, meta, [merge_repeats(v) for v in runs.values()])
@@ -538,7 +541,7 @@ def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
     jobs = [("hf", label, {"checkpointing": "checkpointing" in label}, None)
             for label in ("HF eager", "HF eager +gradient checkpointing")
             if have_hf and preset != "tiny"]
-    jobs += [("whole", label, kw, None) for label, kw in whole_rows() if preset != "tiny"]
+    jobs += [("whole", REFERENCE, dict(PLANS)["none"], None)] if preset != "tiny" else []
     jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
     parts = args.only.split(",")  # "" (every row) is in every label
     return [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
@@ -547,9 +550,8 @@ def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
 def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
     """The planner's cost table: each plan's step time over the fastest plan's, from this
     preset's compiled rows of our Trainer, run as train.py runs them (no variant)."""
-    steps = {r["label"].removeprefix("compiled "): r for r in rows
-             if r["preset"] == preset and r["impl"] == "ours" and not r.get("variant")
-             and r["label"].startswith("compiled ") and not r["oom"] and "failed" not in r}
+    steps = {r["label"].removeprefix("compiled "): r for r in ours_as_run(rows, preset)
+             if r["label"].startswith("compiled ")}
     if not steps:
         raise ValueError(f"no compiled rows of preset {preset!r} in the report; run "
                          f"bench.py --presets {preset} first")
@@ -561,17 +563,13 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
             "step_ratio": {label: round(r["step_ms"] / fastest, 3) for label, r in steps.items()}}
 
 
-def run_row(preset, impl, label, kw, variant, data_dir, args, shape, device, out,
-            steps: int | None = None, callbacks: list = ()) -> dict:
-    """One run of one row, with what it is and what it cost in wall time."""
+def run_row(preset, impl, label, kw, variant, data_dir, shape, device, steps: int,
+            callbacks: list) -> dict:
+    """One run of one row (the callbacks see its steps), with what it is and its wall time."""
     release()
     # what an earlier row left allocated would count in this row's peak
     leftover = measure(device).current_gb if device.type == "cuda" else 0.0
     t0 = time.perf_counter()
-    callbacks = list(callbacks)
-    if args.snapshot == label and steps is None:  # a timed run's snapshot, not a profiled one's
-        callbacks.append(SnapshotCallback(out / f"snapshot_{preset}.pickle"))
-    steps = steps or args.steps
     try:
         if impl == "hf":
             r = run_hf(preset, kw["checkpointing"], steps, shape, device, callbacks)
@@ -600,19 +598,19 @@ def report(out: Path, meta: dict, rows: list[dict]) -> None:
 
 
 # -- the planner's promises ----------------------------------------------------------
-PLAN_POLICIES = {"none": ["--gradient_checkpointing", "false", "--lean_loss", "false"],
-                 "block": ["--gradient_checkpointing", "true", "--lean_loss", "false"],
-                 "block +lean": ["--gradient_checkpointing", "true", "--lean_loss", "true"]}
+PLAN_POLICIES = {label: [_arg(k, v) for k, v in dict(PLANS)[label].items()]
+                 for label in ("none", "block", "block +lean")}
 PLAN_BATCH_STEPS = 3  # timed steps of a batch-size run: enough to reach the step's peak
 # After training, in the same process: what the device holds beyond the allocator's reserve
 # (CUDA context, loaded kernels, library handles), which the headroom must leave free.
 CHILD = """
 import json, sys, torch, train
+from neuromanifold_gpt.predictor import GIB, device_memory_gb
 code = train.main(sys.argv[1:])
 if torch.cuda.is_initialized():
-    free, total = torch.cuda.mem_get_info()
-    print("CHECK " + json.dumps(dict(exit=code, used_gb=(total - free) / 2**30,
-          reserved_now_gb=torch.cuda.memory_reserved() / 2**30, total_gb=total / 2**30)))
+    free, total = device_memory_gb(torch.device("cuda"))
+    print("CHECK " + json.dumps(dict(used_gb=total - free,
+          reserved_now_gb=torch.cuda.memory_reserved() / GIB, total_gb=total)))
 sys.exit(code)
 """
 
@@ -637,9 +635,7 @@ def run_train(data_dir: str, preset: str, extra: list[str], steps: int, metrics:
 
 
 def fastest_bench_row(bench: dict, preset: str, budget: float) -> dict | None:
-    rows = [r for r in bench.get("rows", []) if r["preset"] == preset and r.get("impl") == "ours"
-            and not r.get("variant") and r.get("peak_allocated_gb") is not None
-            and r["peak_allocated_gb"] <= budget]
+    rows = [r for r in ours_as_run(bench.get("rows", []), preset) if r["peak_allocated_gb"] <= budget]
     return min(rows, key=lambda r: r["step_ms"], default=None)
 
 
@@ -651,26 +647,36 @@ def check_plans(args) -> int:
         budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError:
         raise ValueError(f"--budgets {args.budgets!r}: expected GiB as numbers, comma-separated") from None
+    # (table, preset, train.py arguments, timed steps, metrics file, what the row adds)
+    runs = [("budget", preset, ["--memory_budget_gb", str(budget)], args.steps,
+             f"budget_{preset}_{budget:g}.json", dict(budget_gb=budget))
+            for preset in args.budget_presets.split(",") for budget in budgets if "budget" in tables]
+    runs += [("batch", preset, ["--batch_size", "auto", *flags], PLAN_BATCH_STEPS,
+              f"batch_{preset}_{policy.replace(' ', '')}.json", dict(plan=policy))
+             for preset in args.batch_presets.split(",") for policy, flags in PLAN_POLICIES.items()
+             if "batch" in tables]
+    used = dict.fromkeys(run[1] for run in runs)
+    unknown = [p for p in used if p not in VOCAB]
+    if unknown:
+        raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
     bench = read_json(args.against, required=("rows",)) if args.against else {}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"batch": [], "budget": []}
     lines = []
     with tempfile.TemporaryDirectory() as data_dir:
-        for preset in VOCAB:
+        for preset in used:
             ids = np.random.default_rng(0).integers(0, VOCAB[preset], 2_000_000)
             write_dataset(Path(data_dir) / preset, ids, dict(vocab_size=VOCAB[preset]))
+        for table, preset, extra, steps, name, facts in runs:
+            r = dict(run_train(data_dir, preset, extra, steps, out / name), **facts)
+            if table == "budget":
+                best = fastest_bench_row(bench, preset, facts["budget_gb"])
+                r.update(bench_row=best and best["label"], bench_step_ms=best and best["step_ms"])
+            results[table].append(r)
+            print(json.dumps(r), flush=True)
+            write_json(out / "plans.json", results)
         if "budget" in tables:
-            for preset in args.budget_presets.split(","):
-                for budget in budgets:
-                    r = run_train(data_dir, preset, ["--memory_budget_gb", str(budget)], args.steps,
-                                  out / f"budget_{preset}_{budget:g}.json")
-                    best = fastest_bench_row(bench, preset, budget)
-                    r.update(budget_gb=budget, bench_row=best and best["label"],
-                             bench_step_ms=best and best["step_ms"])
-                    results["budget"].append(r)
-                    print(json.dumps(r), flush=True)
-                    write_json(out / "plans.json", results)
             lines += ["| preset | budget GiB | plan | predicted GiB | measured GiB | within | step ms | "
                       "fastest fitting bench row | its step ms | ratio |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
@@ -686,14 +692,6 @@ def check_plans(args) -> int:
                              f"{fmt(r['bench_step_ms'], '.1f')} | {fmt(ratio, '.2f')} |")
             lines.append("")
         if "batch" in tables:
-            for preset in args.batch_presets.split(","):
-                for policy, flags in PLAN_POLICIES.items():
-                    r = run_train(data_dir, preset, ["--batch_size", "auto", *flags], PLAN_BATCH_STEPS,
-                                  out / f"batch_{preset}_{policy.replace(' ', '')}.json")
-                    r["plan"] = policy
-                    results["batch"].append(r)
-                    print(json.dumps(r), flush=True)
-                    write_json(out / "plans.json", results)
             lines += ["| preset | plan | recommended batch | predicted GiB | measured GiB | error % | "
                       "reserved GiB | ran |", "|---|---|---|---|---|---|---|---|"]
             for r in results["batch"]:

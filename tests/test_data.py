@@ -52,12 +52,14 @@ def test_a_wrong_file_in_the_environment_variable_is_named(tmp_path, monkeypatch
     assert not (tmp_path / "shakespeare_char").exists()
 
 
-def test_wrong_checksum_is_refused(tmp_path, capsys):
+def test_wrong_checksum_is_refused_and_never_reaches_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "input.txt"
     bad.write_text("not shakespeare")
     assert data.main(["shakespeare_char", "--source", str(bad), "--data_dir", str(tmp_path)]) == 2
-    assert "wrong sha256" in capsys.readouterr().err
+    assert "wrong sha256" in one_line_error(capsys)
     assert not (tmp_path / "shakespeare_char" / "train.bin").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_offline_download_names_the_environment_variable(tmp_path, monkeypatch, capsys):

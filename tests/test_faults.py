@@ -64,17 +64,6 @@ def test_token_ids_beyond_the_vocabulary_are_refused_at_load(tiny_args, tmp_path
     assert "val.bin holds token id 70, but" in one_line_error(capsys)
 
 
-def test_a_bad_local_corpus_never_reaches_the_cache(tmp_path, monkeypatch, capsys):
-    from neuromanifold_gpt import data
-
-    monkeypatch.setenv("NEUROMANIFOLD_CACHE", str(tmp_path / "cache"))
-    bad = tmp_path / "input.txt"
-    bad.write_text("not shakespeare")
-    assert data.main(["shakespeare_char", "--source", str(bad), "--data_dir", str(tmp_path / "d")]) == 2
-    assert "wrong sha256" in one_line_error(capsys)
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
-
-
 # -- configuration ---------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["learning_rate", "weight_decay", "min_lr", "grad_clip", "beta1",
                                   "dropout", "activation_memory_budget"])

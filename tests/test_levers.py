@@ -11,6 +11,7 @@ import torch._dynamo
 import train
 from neuromanifold_gpt import build_model, levers
 from neuromanifold_gpt.config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig
+from tests.conftest import one_line_error
 
 BACKEND = "aot_eager_decomp_partition"
 B, T, C, L, V = 2, 32, 32, 2, 97
@@ -145,8 +146,7 @@ def test_bad_lever_settings_are_refused(overrides, message):
 
 def test_cli_refuses_optimizer_in_backward_with_clipping(capsys):
     assert train.main(["--optimizer_in_backward", "true"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "grad_clip=0" in err[0]
+    assert "grad_clip=0" in one_line_error(capsys)
 
 
 def test_compile_defaults_to_auto():

@@ -14,6 +14,7 @@ from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
 from neuromanifold_gpt.planner import HEADROOM, PLANS, Planner, oom_advice, resolve_auto
 from neuromanifold_gpt.predictor import GIB
+from tests.conftest import one_line_error
 
 GPT2_VOCAB = 50257
 H200 = Planner(GPT2_VOCAB, "cuda", torch.bfloat16)
@@ -41,8 +42,8 @@ def test_batch_size_auto_is_read_from_the_command_line_and_config_files(tmp_path
     cfg_file.write_text('batch_size = "auto"\n')
     assert parse_args(["--config", str(cfg_file)]).batch_size == "auto"
     assert train.main(["--batch_size", "many"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: batch_size='many' on the command line is not valid: expected an integer or auto"]
+    assert one_line_error(capsys).strip() == ("error: batch_size='many' on the command line is not "
+                                             "valid: expected an integer or auto")
     assert train.main(["--batch_size", "auto", "--memory_budget_gb", "4"]) == 2
     assert "set one of them" in capsys.readouterr().err
 
@@ -127,8 +128,7 @@ def test_budget_leaves_a_margin_for_the_predictor(monkeypatch):
 
 def test_budget_that_nothing_fits_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
     assert train.main(_args(data_dir, tmp_path, "--batch_size", "4", "--memory_budget_gb", "1e-5")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fits no plan at batch_size 4: the leanest, " in err[0]
+    assert "fits no plan at batch_size 4: the leanest, " in one_line_error(capsys)
     assert not (tmp_path / "m.json").exists()
 
 

@@ -15,6 +15,7 @@ from neuromanifold_gpt.optim import make_optimizer
 from neuromanifold_gpt.planner import Planner
 from neuromanifold_gpt.predictor import GIB, predict
 from neuromanifold_gpt.trainer import Trainer
+from tests.conftest import one_line_error
 
 VOCAB = 200
 
@@ -125,10 +126,9 @@ def test_cuda_out_of_memory_ends_with_one_line_exit_3_and_metrics(data_dir, tmp_
     monkeypatch.setattr(Trainer, "train_step", out_of_memory)
     trace = tmp_path / "trace.tsv"
     assert train.main(_args(data_dir, tmp_path) + ["--memory_trace_file", str(trace)]) == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "GiB (predicted)" in err[0] and "the device has" in err[0]
-    assert "--batch_size" in err[0]
+    err = one_line_error(capsys)
+    assert "GiB (predicted)" in err and "the device has" in err
+    assert "--batch_size" in err
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["oom"] is True and m["batch_size"] == 2
     assert m["predicted_peak_gb"] > 0 and 0 < m["recommended_batch_size"] < m["batch_size"]
@@ -189,7 +189,7 @@ def test_bench_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message)
     import bench
 
     assert bench.main([*argv, "--out_dir", str(tmp_path / "plans")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert one_line_error(capsys).strip() == message
     assert not (tmp_path / "plans").exists()  # nothing started
 
 
