@@ -22,15 +22,12 @@ RUN apt-get update \
 # same two installs as the README's quick start; the package itself is imported from the mount.
 # wheels/ is a local wheelhouse, mounted for the install only (it adds nothing to the image): a
 # wheel there wins over PyPI's of the same version, e.g. torch 2.13.0+cpu for a CPU-only image.
-# Air-gapped, put every wheel there and build with --build-arg PIP_NO_INDEX=1. The lean loss's
-# CUDA kernel (pyproject.toml's `cuda` extra) goes in without its dependencies: the CUDA torch
-# wheel brings Triton, and on a CPU torch the chunked loss runs instead.
+# Air-gapped, put every wheel there and build with --build-arg PIP_NO_INDEX=1.
 ARG PIP_NO_INDEX=0
 COPY requirements.txt /tmp/requirements.txt
 RUN --mount=type=bind,source=wheels,target=/wheels \
     pip install --no-cache-dir --find-links /wheels torch==2.13.0 \
-    && pip install --no-cache-dir --find-links /wheels -r /tmp/requirements.txt \
-    && pip install --no-cache-dir --find-links /wheels --no-deps cut-cross-entropy==25.1.1
+    && pip install --no-cache-dir --find-links /wheels -r /tmp/requirements.txt
 
 # A run passes --user with the host's uid, which has no entry in /etc/passwd: HOME is set here
 # and writable by any uid, so caches (corpus, tiktoken, matplotlib) have a place to go. ~/.cache

@@ -8,6 +8,7 @@ shape, all in the same process.
     python3 bench.py --presets gpt2 --only "compiled block +lean" --profile "compiled block +lean"
     python3 bench.py --quick              # CPU smoke run: tiny shapes, eager, a few seconds
     python3 bench.py --plans batch,budget --against out/bench/bench.json --out_dir out/plans
+    python3 bench.py --loss_kernels --repeat 3  # the lean loss against fused kernels, alone
 
 Each row trains on random tokens (memory and speed do not depend on the data) through the
 same Trainer as train.py: one warm-up step (compile, optimizer state), then --steps timed
@@ -19,10 +20,10 @@ inductor's on-disk caches, so a repeat rebuilds a row in seconds.
 The reference is a whole-model torch.compile of our model with the plain F.cross_entropy and
 no checkpointing, trained by a plain loop; the baseline is our fastest configuration without
 recompute or offload. HF runs GPT2LMHeadModel eager, as its users do, with and without
-gradient_checkpointing_enable(). A lean-loss row's variants: (liger) or (chunked) run Liger's
-fused linear cross-entropy or our chunked one in place of cut-cross-entropy's kernel, (cce
-filtered) that kernel with its default gradient filter, (per block) or (whole model) the compile
-unit the plan does not use by default. --profile LABEL runs that row again after the bench,
+gradient_checkpointing_enable(). A lean-loss row's variants: (cce) or (liger) run the fused
+linear cross-entropy of cut-cross-entropy or of Liger in place of our lean loss, (cce filtered)
+the former with its default gradient filter, (per block) or (whole model) the compile unit the
+plan does not use by default. --profile LABEL runs that row again after the bench,
 under torch.profiler for --profile_steps steps, and writes where its step's time goes by kind of
 kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
@@ -58,13 +59,17 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
 from neuromanifold_gpt import build_model, distributed
-from neuromanifold_gpt import loss as loss_module
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.device import device_name
 from neuromanifold_gpt.errors import TrainingOOM, entry_point
 from neuromanifold_gpt.files import atomic_path, read_json, write_json
-from neuromanifold_gpt.loss import LinearCrossEntropyLoss, linear_cross_entropy
+from neuromanifold_gpt.loss import (
+    IGNORE_INDEX,
+    LinearCrossEntropyLoss,
+    compute_dtype,
+    linear_cross_entropy,
+)
 from neuromanifold_gpt.memory import MemoryMonitorCallback, measure
 from neuromanifold_gpt.optim import make_optimizer
 from neuromanifold_gpt.params import _arg
@@ -77,13 +82,34 @@ TIE = 0.03  # step times this close count as equally fast when choosing the base
 REFERENCE = "reference"  # whole-model compile, plain loss, no checkpointing
 
 
+def _library(module: str, package: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ValueError(f"this row needs {package}: pip install -e '.[compare]' (Linux with "
+                         "a CUDA torch)") from None
+
+
+def _cce(filter_eps):
+    """cut-cross-entropy's fused kernel; filter_eps None computes every block of the gradient,
+    "high" is its default: it skips the blocks whose |softmax - one-hot| all lie below 2.4e-4."""
+    def fn(x, weight, targets):
+        cce = _library("cut_cross_entropy", "cut-cross-entropy")
+        dtype = compute_dtype(x)
+        return cce.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
+                                        targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                        impl="cce", filter_eps=filter_eps)
+    return fn
+
+
 def _liger(x, weight, targets):
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    liger = _library("liger_kernel.transformers", "liger-kernel")
+    return liger.LigerFusedLinearCrossEntropyLoss()(weight, x.reshape(-1, x.size(-1)),
+                                                    targets.reshape(-1))
 
-    return LigerFusedLinearCrossEntropyLoss()(weight, x.reshape(-1, x.size(-1)), targets.reshape(-1))
 
-
-LOSS_KERNELS = {"liger": _liger, "chunked": linear_cross_entropy}
+# Fused linear cross-entropy kernels of maintained libraries, measured against our lean loss
+LOSS_KERNELS = {"cce": _cce(None), "cce filtered": _cce("high"), "liger": _liger}
 
 
 def _loss_kernel(name: str):
@@ -92,11 +118,9 @@ def _loss_kernel(name: str):
 
 
 # A row's variant: what runs differently from the default while the row trains. The loss
-# kernels are not what the predictor models; the others keep its prediction.
+# kernels are not what the predictor models; the compile units keep its prediction.
 VARIANTS = {
     **{name: functools.partial(_loss_kernel, name) for name in LOSS_KERNELS},
-    # cut-cross-entropy skipping the gradient blocks of small probabilities, its default
-    "cce filtered": lambda: mock.patch.object(loss_module, "CCE_FILTER_EPS", "high"),
     # the compile unit a plan does not use by default (distributed.compiles_per_block)
     "per block": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: True),
     "whole model": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: False),
@@ -416,6 +440,96 @@ def table(rows: list[dict]) -> str:
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+def loss_kernel_bench(args) -> int:
+    """--loss_kernels: the head and cross-entropy alone at GPT-2's vocabulary, bf16 autocast:
+    each kernel's forward + backward time (median of --repeat interleaved rounds of --steps) and
+    peak above its inputs, then its loss and gradients against fp64, with a random head and with
+    one whose rows share a direction, as a trained head's do."""
+    import torch.nn.functional as F
+    from tabulate import tabulate
+
+    quick = args.quick
+    if not quick and not torch.cuda.is_available():
+        raise ValueError("--loss_kernels measures CUDA kernels; use --quick on a CPU")
+    device = torch.device("cpu" if quick else "cuda")
+    n, widths, vocab, n_check = (512, (64,), 1000, 256) if quick else (12288, (768, 1024), 50257, 4096)
+    plain = (lambda x, w, t: F.cross_entropy(x @ w.t(), t))
+    kernels = {"plain": plain if quick else torch.compile(plain), "ours": linear_cross_entropy}
+    kernels.update({} if quick else LOSS_KERNELS)  # the libraries' Triton kernels need CUDA
+    gen = torch.Generator(device=device)
+
+    def inputs(n_tokens, width, v, shared):
+        gen.manual_seed(0)
+        x = torch.randn(n_tokens, width, device=device, generator=gen).requires_grad_()
+        common = 0.02 * torch.randn(width, device=device, generator=gen) if shared else 0.0
+        w = (0.02 * torch.randn(v, width, device=device, generator=gen) + common).requires_grad_()
+        t = torch.randint(0, v, (n_tokens,), device=device, generator=gen)
+        t[::9] = IGNORE_INDEX  # counted in neither
+        return x, w, t
+
+    def step(fn, x, w, t):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = fn(x, w, t)
+        loss.backward()
+        result = loss.detach(), x.grad, w.grad
+        x.grad = w.grad = None
+        return result
+
+    rows = []
+    for width in widths:
+        x, w, t = inputs(n, width, vocab, False)
+        peaks, times = {}, {name: [] for name in kernels}
+        for name, fn in kernels.items():
+            step(fn, x, w, t)  # compiles
+            peaks[name] = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step(fn, x, w, t)
+                peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        for _ in range(args.repeat):
+            for name, fn in kernels.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step(fn, x, w, t)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+        rows += [dict(kind="speed", tokens=n, width=width, vocab=vocab, kernel=name,
+                      ms=statistics.median(times[name]), ms_min=min(times[name]),
+                      ms_max=max(times[name]), peak_gb=peaks[name]) for name in kernels]
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    v_check = vocab if quick else 50304  # the model's padded head
+    for shared in (False, True):
+        x, w, t = inputs(n_check, widths[0], v_check, shared)
+        exact = step(lambda x, w, t: F.cross_entropy(x.double() @ w.double().t(), t), x, w, t)
+        for name, fn in kernels.items():
+            loss, gx, gw = step(fn, x, w, t)
+            rows.append(dict(kind="accuracy", head="shared direction" if shared else "random",
+                             kernel=name, loss_error=abs(float(loss) - float(exact[0])),
+                             grad_x_error=rel(gx, exact[1]), grad_w_error=rel(gw, exact[2])))
+    speed = tabulate([[r["width"], r["kernel"], f"{r['ms']:.2f}", f"{r['ms_min']:.2f}-{r['ms_max']:.2f}",
+                       fmt(r["peak_gb"], ".3f")] for r in rows if r["kind"] == "speed"],
+                     headers=[f"width ({n} tokens)", "kernel", "fwd+bwd ms", "spread ms",
+                              "peak GiB above inputs"], tablefmt="github", disable_numparse=True)
+    accuracy = tabulate([[r["head"], r["kernel"], f"{r['loss_error']:.1e}", f"{r['grad_x_error']:.4f}",
+                          f"{r['grad_w_error']:.4f}"] for r in rows if r["kind"] == "accuracy"],
+                        headers=[f"head ({n_check} x {widths[0]} x {v_check})", "kernel",
+                                 "loss error", "grad_x rel. error", "grad_w rel. error"],
+                        tablefmt="github", disable_numparse=True)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "loss_kernels.json", dict(device=device_name(device),
+                                               torch_version=torch.__version__, rows=rows))
+    text = f"{speed}\n\nagainst fp64:\n\n{accuracy}\n"
+    (out / "loss_kernels.md").write_text(text)
+    print(text + f"wrote {out / 'loss_kernels.json'}, {out / 'loss_kernels.md'}")
+    return 0
+
+
 @entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -439,6 +553,9 @@ def main(argv=None) -> int:
     parser.add_argument("--write_costs", default="", metavar="PRESET",
                         help="with --report: write the planner's step costs "
                              f"({COSTS_FILE.name}) from this preset's compiled rows")
+    parser.add_argument("--loss_kernels", action="store_true",
+                        help="time the lean loss against the libraries' fused kernels alone, "
+                             "and check each one's loss and gradients against fp64")
     parser.add_argument("--plans", default="", metavar="batch,budget",
                         help="check the planner instead: these tables (see above)")
     parser.add_argument("--batch_presets", default="shakespeare_char,gpt2,gpt2-medium")
@@ -455,6 +572,8 @@ def main(argv=None) -> int:
         raise ValueError("--exact matches whole labels given by --only; name the rows with --only")
     if args.plans:
         return check_plans(args)
+    if args.loss_kernels:
+        return loss_kernel_bench(args)
     if args.report:
         merged, meta = {}, {}
         for path in args.report.split(","):

@@ -5,13 +5,13 @@ GPT-2's vocabulary that is more than the model's weights, gradients and AdamW st
 
     loss = LinearCrossEntropyLoss()(x, lm_head.weight, targets)  # x: (N, C), targets: (N,)
 
-On CUDA it runs cut-cross-entropy's fused Triton kernel (`pip install -e ".[cuda]"`; chosen
-over Liger's fused kernel and our own by bench.py's measurement, see README). Elsewhere, or
-without that package, it runs `linear_cross_entropy` below, which is also the reference the
-fused kernel is tested against (tests/test_gpu.py): the forward pass walks over chunks of
-tokens and, for each, computes the logits, the loss and the gradient of the logits, then turns
-that gradient at once into the gradients of the hidden states and of the head weight. Only one
-chunk's logits exist at a time; backward merely scales the stored gradients.
+It walks over chunks of tokens and, for each, computes the logits, the loss and the gradient of
+the logits, then turns that gradient at once into the gradients of the hidden states and of the
+head weight, summed in fp32. Only one chunk's logits exist at a time; backward merely scales the
+stored gradients. On CUDA each chunk's softmax arithmetic is compiled, and the matmuls are
+cuBLAS's. Chosen over the fused kernels of cut-cross-entropy and Liger by bench.py's measurement
+(`--loss_kernels` and the `(cce)`/`(liger)` rows, docs/memory.md): faster in the step, and
+exact to bf16 rounding where cut-cross-entropy's bf16 sums are not.
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-try:  # Linux with CUDA only (it needs Triton): the `cuda` extra
-    from cut_cross_entropy import linear_cross_entropy as _cce
-except ImportError:
-    _cce = None
-
 # Largest fp32 logits chunk: the loss's working set stays near 2-4x this, whatever B*T is.
 CHUNK_BYTES = 128 * 2**20
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it are not counted
-# cut-cross-entropy skips the gradient of every block of logits whose |softmax - one-hot| all
-# lie below its filter_eps (by default 2.4e-4 in bf16). Near GPT-2's initialisation every
-# probability is about 1/50257, so it dropped the sum of p * w over the vocabulary, which
-# is most of the head's gradient: on the H200 the first 200 steps of gpt2 trained 0.35 worse
-# at step 34 than the plain loss. None computes every block: exact gradients.
-CCE_FILTER_EPS = None
 
 
 def chunk_tokens(n_tokens: int, vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -128,26 +117,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk, dtype, need_grad)
 
 
-def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor,
-                               targets: torch.Tensor) -> torch.Tensor:
-    """linear_cross_entropy through cut-cross-entropy's kernel (CUDA, bf16/fp16 inputs): the
-    logits live only in on-chip memory, block by block."""
-    dtype = compute_dtype(x)
-    x = x.reshape(-1, x.size(-1)).to(dtype)
-    return _cce(x, weight.to(dtype), targets.reshape(-1), ignore_index=IGNORE_INDEX, impl="cce",
-                filter_eps=CCE_FILTER_EPS)
-
-
-def uses_fused_kernel(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the lean loss runs cut-cross-entropy's kernel for runs on this device/dtype."""
-    return _cce is not None and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-
-
 class LinearCrossEntropyLoss(nn.Module):
     """The lean loss as a module without parameters (the state_dict is unchanged)."""
 
-    @torch.compiler.disable  # a Python loop or a foreign kernel: compiled code calls it as is
+    @torch.compiler.disable  # a Python loop: compiled code calls it as is
     def forward(self, x, weight, targets):
-        if uses_fused_kernel(x.device.type, compute_dtype(x)):
-            return fused_linear_cross_entropy(x, weight, targets)
         return linear_cross_entropy(x, weight, targets)

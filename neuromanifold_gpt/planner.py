@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from .config.base import TrainConfig
-from .loss import uses_fused_kernel
 from .predictor import MemoryPrediction, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type.
@@ -206,7 +205,7 @@ class Planner:
                                  f"{free_gb:.1f} GiB free; {_lever_fix(lever)}")
             resolved = _with(resolved, batch_size=recommended)
         prediction = self.predict(resolved)
-        lines = [_levers_line(cfg, resolved, self.device_type, self.dtype), *lines,
+        lines = [_levers_line(cfg, resolved), *lines,
                  *prediction.lines()]
         if cfg.batch_size == "auto":
             lines.append(f"batch size: auto, so the recommended {recommended}")
@@ -220,11 +219,10 @@ def _lever_fix(lever: tuple[str, int] | None) -> str:
     return f"use {lever[0]}" if lever else "use a smaller model or block_size"
 
 
-def _levers_line(asked: TrainConfig, cfg: TrainConfig, device_type: str, dtype: torch.dtype) -> str:
+def _levers_line(asked: TrainConfig, cfg: TrainConfig) -> str:
     on, levers = [], cfg.memory_levers
     if levers.lean_loss:
-        kernel = "cut-cross-entropy" if uses_fused_kernel(device_type, dtype) else "chunked"
-        on.append(f"lean loss ({'auto, ' if asked.memory_levers.lean_loss is None else ''}{kernel})")
+        on.append(f"lean loss{' (auto)' if asked.memory_levers.lean_loss is None else ''}")
     if levers.offload_activations:
         on.append("offload activations")
     if levers.optimizer_in_backward:

@@ -30,7 +30,7 @@ import torch
 
 from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
-from .loss import chunk_tokens, uses_fused_kernel
+from .loss import chunk_tokens
 from .memory import GIB
 
 FP32 = 4  # master weights, gradients, AdamW states, the residual stream and LayerNorm outputs
@@ -157,17 +157,13 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
 
     # the loss: plain eager keeps the (N, V) fp32 log-softmax, its backward needs three of
     # those; compiled, it keeps the logits in the compute dtype, and its backward writes their
-    # gradient over them (measured on the H200: 1.0 x aNV, not 2). The fused kernel saves its
-    # two inputs' casts and writes their gradients; the chunked one holds only one chunk's
-    # logits and the two gradients it computed.
+    # gradient over them (measured on the H200: 1.0 x aNV, not 2). The lean loss holds one
+    # chunk's logits and the two gradients it computed; on CUDA its chunk arithmetic is compiled
+    # and writes the logits' gradient without the eager fp32 copy and logsumexp's temporary.
     w_copy = 0 if a == FP32 else a * V * C  # the head's cast, saved for its backward
-    lean = mc.memory_levers.lean_loss
-    if lean and uses_fused_kernel(device_type, dtype):
-        loss_fwd = w_copy + a * NC + FP32 * (N + V)
-        loss_bwd = head_grad + 2 * w_copy + f * NC + 2 * a * NC
-    elif lean:
+    if mc.memory_levers.lean_loss:
         c = chunk_tokens(N, V)
-        chunk_work = (a + 8) * c * V  # a chunk's logits, their fp32 copy, logsumexp's temporary
+        chunk_work = (2 * a if device_type == "cuda" else a + 8) * c * V
         loss_fwd = w_copy + head_grad + f * NC + max(chunk_work, a * c * V + a * V * C)
         loss_bwd = head_grad + f * NC
     elif compiled:

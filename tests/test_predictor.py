@@ -171,6 +171,24 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
 
 
+def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
+    import bench
+
+    assert bench.main(["--loss_kernels", "--quick", "--steps", "1", "--out_dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "loss_kernels.json").read_text())["rows"]
+    speed = [r for r in rows if r["kind"] == "speed"]
+    assert [r["kernel"] for r in speed] == ["plain", "ours"] and all(r["ms"] > 0 for r in speed)
+    accuracy = [r for r in rows if r["kind"] == "accuracy"]
+    assert {(r["head"], r["kernel"]) for r in accuracy} == {
+        (h, k) for h in ("random", "shared direction") for k in ("plain", "ours")}
+    for r in accuracy:  # bf16 rounding, nothing more
+        assert r["loss_error"] < 1e-3 and r["grad_x_error"] < 1e-2 and r["grad_w_error"] < 1e-2, r
+    assert "| shared direction" in (tmp_path / "loss_kernels.md").read_text()
+    if not torch.cuda.is_available():
+        assert bench.main(["--loss_kernels", "--out_dir", str(tmp_path / "cuda")]) == 2
+        assert not (tmp_path / "cuda").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--plans", "batch,sizes"], "error: --plans 'batch,sizes': name the tables batch and/or budget"),
     (["--plans", "budget", "--budgets", "3,lots"],
