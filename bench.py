@@ -455,6 +455,8 @@ def loss_kernel_bench(args) -> int:
     n, widths, vocab, n_check = (512, (64,), 1000, 256) if quick else (12288, (768, 1024), 50257, 4096)
     plain = (lambda x, w, t: F.cross_entropy(x @ w.t(), t))
     kernels = {"plain": plain if quick else torch.compile(plain), "ours": linear_cross_entropy}
+    for c in args.loss_chunks:  # the chunk's size against its count (our default: CHUNK_BYTES)
+        kernels[f"ours, {c} tokens a chunk"] = functools.partial(linear_cross_entropy, chunk=c)
     kernels.update({} if quick else LOSS_KERNELS)  # the libraries' Triton kernels need CUDA
     gen = torch.Generator(device=device)
 
@@ -556,6 +558,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loss_kernels", action="store_true",
                         help="time the lean loss against the libraries' fused kernels alone, "
                              "and check each one's loss and gradients against fp64")
+    parser.add_argument("--loss_chunks", default="", metavar="N[,N...]",
+                        help="with --loss_kernels: also our lean loss with N tokens a chunk")
     parser.add_argument("--plans", default="", metavar="batch,budget",
                         help="check the planner instead: these tables (see above)")
     parser.add_argument("--batch_presets", default="shakespeare_char,gpt2,gpt2-medium")
@@ -564,6 +568,13 @@ def main(argv=None) -> int:
     parser.add_argument("--against", default="", metavar="JSON",
                         help="with --plans: the bench.json to compare the budget plans with")
     args = parser.parse_args(argv)
+    try:
+        args.loss_chunks = [int(c) for c in filter(None, args.loss_chunks.split(","))]
+    except ValueError:
+        raise ValueError(f"--loss_chunks {args.loss_chunks!r}: expected token counts, "
+                         "comma-separated") from None
+    if any(c < 1 for c in args.loss_chunks) or (args.loss_chunks and not args.loss_kernels):
+        raise ValueError("--loss_chunks takes token counts of at least 1, with --loss_kernels")
     if args.steps < 1 or args.repeat < 1 or args.profile_steps < 1:
         raise ValueError("--steps, --repeat and --profile_steps must be at least 1")
     if args.profile and (args.plans or args.report):

@@ -99,8 +99,9 @@ def close() -> None:
 def compiles_per_block(config) -> bool:
     """Whether a single process compiles this model block by block (FSDP2 always does): with
     every block checkpointed and the lean loss. On the H200 at GPT-2 124M, 12 x 1024 (bench.py
-    --repeat 3) that peaked at 2.418 GiB in 49.8 ms a step against 2.549 GiB in 51.8 ms with
-    the whole model compiled."""
+    --repeat 3) that peaks at 2.440 GiB against 2.549 GiB with the whole model compiled, and at
+    355M at 5.881 against 6.020; the whole model's step was no slower (60.9 against 64.5 ms at
+    124M, on a host that ran other benches beside it)."""
     ac = config.activation_checkpoint
     return (config.gradient_checkpointing and ac.checkpoint_policy == "block"
             and ac.checkpoint_every == 1 and ac.checkpoint_layers is None

@@ -60,6 +60,8 @@ PLANS: list[tuple[str, dict]] = [
     ("block +lean +opt-in-bwd +offload", dict(BLOCK, **LEAN, optimizer_in_backward=True,
                                               offload_activations=True)),
 ]
+# the plans that recompute nothing, by lean loss
+NO_RECOMPUTE = {False: "none", True: "none +lean"}
 # what a plan decides; every other field stays as the run set it
 PLAN_FIELDS = ("gradient_checkpointing", "checkpoint_policy", "checkpoint_every",
                "checkpoint_layers", "lean_loss", "offload_activations", "optimizer_in_backward",
@@ -166,11 +168,11 @@ class Planner:
         return out
 
     def fastest_plan(self, cfg: TrainConfig, budget_gb: float) -> tuple[str, TrainConfig, list[str]]:
-        """The fastest plan whose predicted peak fits budget_gb (ties: the smaller peak);
-        a ValueError that says what would fit when none does."""
+        """The fastest plan whose predicted peak fits budget_gb (ties: the one without recompute,
+        then the smaller peak); a ValueError that says what would fit when none does."""
         costs = load_costs()
         scored = [(label, plan, ratio, self.predict(plan).peak_gb)
-                  for label, plan, ratio in self.plans(cfg, costs["step_ratio"])]
+                  for label, plan, ratio in self.plans(cfg, step_costs(costs["step_ratio"]))]
         fitting = [s for s in scored if s[3] <= BUDGET_MARGIN * budget_gb]
         B = self.predict(cfg).batch_size
         if not fitting:
@@ -180,7 +182,8 @@ class Planner:
             raise ValueError(f"memory_budget_gb={budget_gb:g} fits no plan at batch_size {B}: the "
                              f"leanest, {label}, needs {peak:.2f} GiB (predicted); raise the budget "
                              f"or {fix}")
-        label, plan, ratio, peak = min(fitting, key=lambda s: (s[2], s[3]))
+        label, plan, ratio, peak = min(
+            fitting, key=lambda s: (s[2], s[0] not in NO_RECOMPUTE.values(), s[3]))
         lines = [f"memory plan for {budget_gb:g} GiB: {label} (predicted peak {peak:.2f} GiB, "
                  f"step {ratio:.2f}x the fastest plan's as measured on {costs['hardware']})"]
         return label, plan, lines
@@ -241,6 +244,17 @@ def oom_advice(setup: Setup, batch_size: int) -> tuple[int, str]:
     if b:
         return b, f"--batch_size {b}{lever}"
     return 0, f"batch_size 1 does not fit either; {_lever_fix(setup.lever)}"
+
+
+def step_costs(measured: dict[str, float]) -> dict[str, float]:
+    """The step ratios a plan is chosen by. Recompute and offload only add work, so a plan
+    measured faster than the same loss without them (noise: one short run on a shared machine)
+    counts as fast as that one; the fastest is then 1."""
+    fields = dict(PLANS)
+    floored = {label: max(ratio, measured.get(NO_RECOMPUTE[fields[label]["lean_loss"]], 0.0))
+               for label, ratio in measured.items() if label in fields}
+    fastest = min(floored.values())
+    return {label: round(ratio / fastest, 3) for label, ratio in floored.items()}
 
 
 def load_costs(path: Path = COSTS_FILE) -> dict:

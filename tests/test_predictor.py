@@ -174,13 +174,15 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
 def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
     import bench
 
-    assert bench.main(["--loss_kernels", "--quick", "--steps", "1", "--out_dir", str(tmp_path)]) == 0
+    assert bench.main(["--loss_kernels", "--quick", "--steps", "1", "--loss_chunks", "37",
+                       "--out_dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "loss_kernels.json").read_text())["rows"]
+    kernels = ["plain", "ours", "ours, 37 tokens a chunk"]
     speed = [r for r in rows if r["kind"] == "speed"]
-    assert [r["kernel"] for r in speed] == ["plain", "ours"] and all(r["ms"] > 0 for r in speed)
+    assert [r["kernel"] for r in speed] == kernels and all(r["ms"] > 0 for r in speed)
     accuracy = [r for r in rows if r["kind"] == "accuracy"]
     assert {(r["head"], r["kernel"]) for r in accuracy} == {
-        (h, k) for h in ("random", "shared direction") for k in ("plain", "ours")}
+        (h, k) for h in ("random", "shared direction") for k in kernels}
     for r in accuracy:  # bf16 rounding, nothing more
         assert r["loss_error"] < 1e-3 and r["grad_x_error"] < 1e-2 and r["grad_w_error"] < 1e-2, r
     assert "| shared direction" in (tmp_path / "loss_kernels.md").read_text()
@@ -200,6 +202,10 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
      "e.g. 'eager none'"),
     (["--quick", "--profile", "eager none", "--profile_steps", "0"],
      "error: --steps, --repeat and --profile_steps must be at least 1"),
+    (["--quick", "--loss_chunks", "64"],
+     "error: --loss_chunks takes token counts of at least 1, with --loss_kernels"),
+    (["--loss_kernels", "--quick", "--loss_chunks", "64,many"],
+     "error: --loss_chunks '64,many': expected token counts, comma-separated"),
     (["--plans", "budget", "--profile", "eager none"],
      "error: --profile runs bench rows; it does not go with --plans or --report"),
 ])
