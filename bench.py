@@ -441,7 +441,8 @@ def table(rows: list[dict]) -> str:
 
 
 def loss_kernel_bench(args) -> int:
-    """--loss_kernels: the head and cross-entropy alone at GPT-2's vocabulary, bf16 autocast:
+    """--loss_kernels: the head and cross-entropy alone at GPT-2's vocabulary, bf16 autocast,
+    the head padded to 50304 rows as the model's is (a multiple of 64: aligned rows for cuBLAS):
     each kernel's forward + backward time (median of --repeat interleaved rounds of --steps) and
     peak above its inputs, then its loss and gradients against fp64, with a random head and with
     one whose rows share a direction, as a trained head's do."""
@@ -452,7 +453,8 @@ def loss_kernel_bench(args) -> int:
     if not quick and not torch.cuda.is_available():
         raise ValueError("--loss_kernels measures CUDA kernels; use --quick on a CPU")
     device = torch.device("cpu" if quick else "cuda")
-    n, widths, vocab, n_check = (512, (64,), 1000, 256) if quick else (12288, (768, 1024), 50257, 4096)
+    n, widths, n_check = (512, (64,), 256) if quick else (12288, (768, 1024), 4096)
+    head, vocab = (1000, 1000) if quick else (50304, 50257)  # head rows; targets below vocab
     plain = (lambda x, w, t: F.cross_entropy(x @ w.t(), t))
     kernels = {"plain": plain if quick else torch.compile(plain), "ours": linear_cross_entropy}
     for c in args.loss_chunks:  # the chunk's size against its count (our default: CHUNK_BYTES)
@@ -460,12 +462,12 @@ def loss_kernel_bench(args) -> int:
     kernels.update({} if quick else LOSS_KERNELS)  # the libraries' Triton kernels need CUDA
     gen = torch.Generator(device=device)
 
-    def inputs(n_tokens, width, v, shared):
+    def inputs(n_tokens, width, shared):
         gen.manual_seed(0)
         x = torch.randn(n_tokens, width, device=device, generator=gen).requires_grad_()
         common = 0.02 * torch.randn(width, device=device, generator=gen) if shared else 0.0
-        w = (0.02 * torch.randn(v, width, device=device, generator=gen) + common).requires_grad_()
-        t = torch.randint(0, v, (n_tokens,), device=device, generator=gen)
+        w = (0.02 * torch.randn(head, width, device=device, generator=gen) + common).requires_grad_()
+        t = torch.randint(0, vocab, (n_tokens,), device=device, generator=gen)
         t[::9] = IGNORE_INDEX  # counted in neither
         return x, w, t
 
@@ -479,7 +481,7 @@ def loss_kernel_bench(args) -> int:
 
     rows = []
     for width in widths:
-        x, w, t = inputs(n, width, vocab, False)
+        x, w, t = inputs(n, width, False)
         peaks, times = {}, {name: [] for name in kernels}
         for name, fn in kernels.items():
             step(fn, x, w, t)  # compiles
@@ -500,13 +502,12 @@ def loss_kernel_bench(args) -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - t0) / args.steps * 1000)
-        rows += [dict(kind="speed", tokens=n, width=width, vocab=vocab, kernel=name,
+        rows += [dict(kind="speed", tokens=n, width=width, head=head, kernel=name,
                       ms=statistics.median(times[name]), ms_min=min(times[name]),
                       ms_max=max(times[name]), peak_gb=peaks[name]) for name in kernels]
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
-    v_check = vocab if quick else 50304  # the model's padded head
     for shared in (False, True):
-        x, w, t = inputs(n_check, widths[0], v_check, shared)
+        x, w, t = inputs(n_check, widths[0], shared)
         exact = step(lambda x, w, t: F.cross_entropy(x.double() @ w.double().t(), t), x, w, t)
         for name, fn in kernels.items():
             loss, gx, gw = step(fn, x, w, t)
@@ -515,11 +516,11 @@ def loss_kernel_bench(args) -> int:
                              grad_x_error=rel(gx, exact[1]), grad_w_error=rel(gw, exact[2])))
     speed = tabulate([[r["width"], r["kernel"], f"{r['ms']:.2f}", f"{r['ms_min']:.2f}-{r['ms_max']:.2f}",
                        fmt(r["peak_gb"], ".3f")] for r in rows if r["kind"] == "speed"],
-                     headers=[f"width ({n} tokens)", "kernel", "fwd+bwd ms", "spread ms",
+                     headers=[f"width ({n} tokens, {head} x width head)", "kernel", "fwd+bwd ms", "spread ms",
                               "peak GiB above inputs"], tablefmt="github", disable_numparse=True)
     accuracy = tabulate([[r["head"], r["kernel"], f"{r['loss_error']:.1e}", f"{r['grad_x_error']:.4f}",
                           f"{r['grad_w_error']:.4f}"] for r in rows if r["kind"] == "accuracy"],
-                        headers=[f"head ({n_check} x {widths[0]} x {v_check})", "kernel",
+                        headers=[f"head ({n_check} x {widths[0]} x {head})", "kernel",
                                  "loss error", "grad_x rel. error", "grad_w rel. error"],
                         tablefmt="github", disable_numparse=True)
     out = Path(args.out_dir)
