@@ -82,6 +82,7 @@ TIE = 0.03  # step times this close count as equally fast when choosing the base
 REFERENCE = "reference"  # whole-model compile, plain loss, no checkpointing
 
 
+@functools.cache  # a row's loss calls it every step: import and look up once
 def _library(module: str, package: str):
     try:
         return __import__(module, fromlist=["_"])
@@ -528,7 +529,8 @@ def loss_kernel_bench(args) -> int:
     write_json(out / "loss_kernels.json", dict(device=device_name(device),
                                                torch_version=torch.__version__, rows=rows))
     text = f"{speed}\n\nagainst fp64:\n\n{accuracy}\n"
-    (out / "loss_kernels.md").write_text(text)
+    with atomic_path(out / "loss_kernels.md") as tmp:
+        tmp.write_text(text)
     print(text + f"wrote {out / 'loss_kernels.json'}, {out / 'loss_kernels.md'}")
     return 0
 
@@ -578,6 +580,9 @@ def main(argv=None) -> int:
         raise ValueError("--loss_chunks takes token counts of at least 1, with --loss_kernels")
     if args.steps < 1 or args.repeat < 1 or args.profile_steps < 1:
         raise ValueError("--steps, --repeat and --profile_steps must be at least 1")
+    if args.loss_kernels and (args.plans or args.report or args.profile or args.snapshot or args.only):
+        raise ValueError("--loss_kernels times the losses alone; it does not go with --plans, "
+                         "--report, --profile, --snapshot or --only")
     if args.profile and (args.plans or args.report):
         raise ValueError("--profile runs bench rows; it does not go with --plans or --report")
     if args.exact and not args.only:

@@ -206,6 +206,9 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
      "error: --loss_chunks takes token counts of at least 1, with --loss_kernels"),
     (["--loss_kernels", "--quick", "--loss_chunks", "64,many"],
      "error: --loss_chunks '64,many': expected token counts, comma-separated"),
+    (["--loss_kernels", "--quick", "--plans", "budget"],
+     "error: --loss_kernels times the losses alone; it does not go with --plans, --report, "
+     "--profile, --snapshot or --only"),
     (["--plans", "budget", "--profile", "eager none"],
      "error: --profile runs bench rows; it does not go with --plans or --report"),
 ])
