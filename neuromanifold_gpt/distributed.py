@@ -9,9 +9,10 @@ single process and nothing here wraps anything.
 
 `parallelize` applies the wrappers in torchtitan's order: activation checkpointing (already
 applied by build_model), then torch.compile (the whole model; each block and the loss alone
-under FSDP2, and with every block checkpointed and the lean loss), then FSDP2 per block and on
-the root (or DDP around the whole model). The state-dict helpers give full, unsharded state dicts with
-the model's own parameter names, so a snapshot is the same file whatever wrote it."""
+under FSDP2, and with every block checkpointed and the lean loss, replayed as CUDA graphs in a
+single process on CUDA), then FSDP2 per block and on the root (or DDP around the whole
+model). The state-dict helpers give full, unsharded state dicts with the model's own parameter
+names, so a snapshot is the same file whatever wrote it."""
 
 from __future__ import annotations
 
@@ -108,6 +109,14 @@ def compiles_per_block(config) -> bool:
             and bool(config.memory_levers.lean_loss))
 
 
+def cuda_graphs(info: DistInfo, device: torch.device) -> bool:
+    """Whether block-by-block compiled code replays as CUDA graphs (compile's "reduce-overhead"):
+    in a single process on CUDA. Launching each block's kernels one by one from Python, twice
+    per step with recompute, makes that step wait on the CPU, not the GPU; a graph launches
+    them at once. FSDP2's hooks gather parameters between the blocks, which a graph cannot hold."""
+    return device.type == "cuda" and info.parallelism == "none"
+
+
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool) -> nn.Module:
     """Compile and wrap `model` (checkpointing already applied); returns the module to train
     through: the DDP wrapper, or the model itself (FSDP2 shards it in place)."""
@@ -115,9 +124,10 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile:
     if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
         # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
         # compile each block and the loss region alone, between those hooks (torchtitan's way)
+        mode = "reduce-overhead" if cuda_graphs(info, device) else None
         for block in blocks:
-            block.compile()
-        model.loss = torch.compile(model.loss)
+            block.compile(mode=mode)
+        model.loss = torch.compile(model.loss, mode=mode)
     elif compile:
         # One graph for the whole model, the plain loss inside it (no fp32 logits). On the H200
         # at GPT-2 124M, 12 x 1024, its step took 27.7 ms against 35.1 ms when each block and

@@ -58,6 +58,19 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: t
 _compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad, dynamic=False)
 
 
+def _add_chunk_grads(g, w, xc, grad_x, grad_w) -> None:
+    """grad_x = g @ w (the chunk's rows, written in place) and grad_w += g.T @ xc, each in
+    its buffer's dtype (fp32 or wider). g: (c, V), w: (V, C), xc: (c, C) in the compute dtype."""
+    if g.is_cuda:
+        # cuBLAS sums the bf16 products into the fp32 buffers itself: no (V, C) temporary
+        # product and no separate addition over the head's gradient for every chunk
+        torch.mm(g, w, out_dtype=grad_x.dtype, out=grad_x)
+        torch.addmm(grad_w, g.t(), xc, out_dtype=grad_w.dtype, out=grad_w)
+    else:  # the CPU has no mixed-dtype matmul
+        grad_x.copy_(g @ w)
+        grad_w += g.t() @ xc
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run the head matmul in (x's own dtype without autocast)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -85,8 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del logits
             loss += part
             if need_grad:
-                grad_x[s: s + chunk] = g @ w  # (c, C)
-                grad_w += g.t() @ xc  # (V, C), summed in fp32 or wider
+                _add_chunk_grads(g, w, xc, grad_x[s: s + chunk], grad_w)
         # Kept as ctx attributes, not save_for_backward: they are results, not inputs, and
         # must stay on the device even when saved activations are offloaded to the host.
         ctx.grad_x = grad_x

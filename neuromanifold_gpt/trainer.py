@@ -98,6 +98,12 @@ class Trainer:
             raise RanksOutOfMemory(message)
         return result
 
+    def new_step(self) -> None:
+        """Before each forward: compiled CUDA graphs may then reuse the last step's outputs'
+        memory (distributed.cuda_graphs)."""
+        if self.compile and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+
     def log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
@@ -114,6 +120,7 @@ class Trainer:
             losses = []
             for _ in range(self.cfg.eval_iters):
                 x, y = self.loader.get_batch(split)
+                self.new_step()
                 with self.autocast:
                     losses.append(self.model(x, y)[1].item())
             out[split] = sum(losses) / len(losses)
@@ -133,6 +140,7 @@ class Trainer:
         self.apart = True  # forward and backward: DDP all-reduces, FSDP2 gathers and scatters
         for k in range(micro_steps):
             x, y = self.loader.get_batch("train")
+            self.new_step()
             with distributed.sync_gradients(self.wrapped, sync=k == micro_steps - 1):
                 self.on_phase("forward")
                 with self.autocast, levers.forward_context(cfg.memory_levers):

@@ -55,3 +55,28 @@ def test_lean_loss_on_cuda_matches_fp64_within_bf16_rounding(shared_direction):
     assert lean[1].dtype == lean[2].dtype == torch.float32  # gradients in the weights' dtype
     assert abs(float(lean[0]) - float(exact)) < 1e-3
     assert _rel(lean[1], x.grad) < 1e-2 and _rel(lean[2], w.grad) < 1e-2
+
+
+def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir):
+    """Block checkpointing with the lean loss compiles block by block, and on CUDA replays each
+    block as a CUDA graph. With two micro-steps a step and evaluations between steps (graphs
+    that must not overwrite the gradients or outputs still in use), the losses and the
+    evaluation are those of the same compiled kernels launched one by one."""
+    from unittest import mock
+
+    from torch._inductor import cudagraph_trees
+
+    from neuromanifold_gpt import distributed
+
+    flags = ("--compile", "true", "--gradient_checkpointing", "true", "--checkpoint_policy", "block",
+             "--lean_loss", "true", "--gradient_accumulation_steps", "2", "--eval_interval", "2",
+             "--dropout", "0.0")
+    with mock.patch.object(cudagraph_trees, "cudagraphify_impl",
+                           wraps=cudagraph_trees.cudagraphify_impl) as record:
+        graphs = run(data_dir, *flags)
+    assert record.call_count >= 2  # at least the blocks' forward and backward graphs
+    torch._dynamo.reset()
+    with mock.patch.object(distributed, "cuda_graphs", lambda info, device: False):
+        launched = run(data_dir, *flags)
+    assert graphs["losses"] == pytest.approx(launched["losses"], rel=1e-5)
+    assert graphs["final_val_loss"] == pytest.approx(launched["final_val_loss"], rel=1e-5)
