@@ -127,7 +127,7 @@ VARIANTS = {
     "per block": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: True),
     "whole model": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: False),
     # block by block, each compiled block's kernels launched one by one instead of as a graph
-    "no cuda graphs": lambda: mock.patch.object(distributed, "cuda_graphs", lambda info, device: False),
+    "no cuda graphs": lambda: mock.patch.object(distributed, "cuda_graphs", lambda *args: False),
 }
 COMPILE_UNITS = ("per block", "whole model", "no cuda graphs")
 

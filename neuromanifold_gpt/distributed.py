@@ -109,22 +109,25 @@ def compiles_per_block(config) -> bool:
             and bool(config.memory_levers.lean_loss))
 
 
-def cuda_graphs(info: DistInfo, device: torch.device) -> bool:
+def cuda_graphs(info: DistInfo, device: torch.device, micro_steps: int) -> bool:
     """Whether block-by-block compiled code replays as CUDA graphs (compile's "reduce-overhead"):
-    in a single process on CUDA. Launching each block's kernels one by one from Python, twice
-    per step with recompute, makes that step wait on the CPU, not the GPU; a graph launches
-    them at once. FSDP2's hooks gather parameters between the blocks, which a graph cannot hold."""
-    return device.type == "cuda" and info.parallelism == "none"
+    in a single process on CUDA, one micro-step a step. Launching each block's kernels one by
+    one from Python, twice per step with recompute, makes that step wait on the CPU, not the
+    GPU; a graph launches them at once. FSDP2's hooks gather parameters between the blocks,
+    which a graph cannot hold; and a graph's next replay would overwrite the gradients that a
+    micro-step leaves in its memory for the next one to add to."""
+    return device.type == "cuda" and info.parallelism == "none" and micro_steps == 1
 
 
-def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool) -> nn.Module:
+def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
+                micro_steps: int = 1) -> nn.Module:
     """Compile and wrap `model` (checkpointing already applied); returns the module to train
     through: the DDP wrapper, or the model itself (FSDP2 shards it in place)."""
     blocks = model.transformer.h
     if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
         # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
         # compile each block and the loss region alone, between those hooks (torchtitan's way)
-        mode = "reduce-overhead" if cuda_graphs(info, device) else None
+        mode = "reduce-overhead" if cuda_graphs(info, device, micro_steps) else None
         for block in blocks:
             block.compile(mode=mode)
         model.loss = torch.compile(model.loss, mode=mode)

@@ -74,7 +74,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
         # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2);
         # DDP's constructor broadcasts the weights
-        self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile)
+        self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile,
+                                               cfg.gradient_accumulation_steps)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if cfg.init_from == "resume":
             self.apart = self.dist.parallelism == "fsdp"  # FSDP2 scatters the loaded state

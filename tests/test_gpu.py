@@ -59,9 +59,10 @@ def test_lean_loss_on_cuda_matches_fp64_within_bf16_rounding(shared_direction):
 
 def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir):
     """Block checkpointing with the lean loss compiles block by block, and on CUDA replays each
-    block as a CUDA graph. With two micro-steps a step and evaluations between steps (graphs
-    that must not overwrite the gradients or outputs still in use), the losses and the
-    evaluation are those of the same compiled kernels launched one by one."""
+    block as a CUDA graph. With evaluations between steps (other graphs, replayed in between),
+    the losses and the evaluation are those of the same compiled kernels launched one by one.
+    With two micro-steps a step no graph is made: a replay would overwrite the gradients the
+    first micro-step left for the second to add to."""
     from unittest import mock
 
     from torch._inductor import cudagraph_trees
@@ -69,14 +70,20 @@ def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir):
     from neuromanifold_gpt import distributed
 
     flags = ("--compile", "true", "--gradient_checkpointing", "true", "--checkpoint_policy", "block",
-             "--lean_loss", "true", "--gradient_accumulation_steps", "2", "--eval_interval", "2",
-             "--dropout", "0.0")
-    with mock.patch.object(cudagraph_trees, "cudagraphify_impl",
-                           wraps=cudagraph_trees.cudagraphify_impl) as record:
-        graphs = run(data_dir, *flags)
-    assert record.call_count >= 2  # at least the blocks' forward and backward graphs
-    torch._dynamo.reset()
-    with mock.patch.object(distributed, "cuda_graphs", lambda info, device: False):
-        launched = run(data_dir, *flags)
+             "--lean_loss", "true", "--eval_interval", "2", "--dropout", "0.0")
+
+    def recorded(*extra):
+        torch._dynamo.reset()
+        with mock.patch.object(cudagraph_trees, "cudagraphify_impl",
+                               wraps=cudagraph_trees.cudagraphify_impl) as record:
+            return run(data_dir, *flags, *extra), record.call_count
+
+    graphs, made = recorded()
+    assert made >= 2  # at least the blocks' forward and backward graphs
+    with mock.patch.object(distributed, "cuda_graphs", lambda *args: False):
+        launched, none_made = recorded()
+    assert none_made == 0
     assert graphs["losses"] == pytest.approx(launched["losses"], rel=1e-5)
     assert graphs["final_val_loss"] == pytest.approx(launched["final_val_loss"], rel=1e-5)
+    accumulated, made = recorded("--gradient_accumulation_steps", "2")
+    assert made == 0 and len(accumulated["losses"]) == 5
