@@ -154,3 +154,27 @@ def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
     assert compiled(model) is not per_block
     assert all(compiled(b) is per_block for b in model.transformer.h)
     assert hasattr(model.loss, "_torchdynamo_orig_callable") is per_block
+
+
+@pytest.mark.parametrize("device, parallelism, micro_steps, graphs", [
+    ("cuda", "none", 1, True), ("cpu", "none", 1, False), ("cuda", "none", 2, False),
+    ("cuda", "ddp", 1, False), ("cuda", "fsdp", 1, False)])
+def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
+        monkeypatch, device, parallelism, micro_steps, graphs):
+    """CUDA graphs ("reduce-overhead") for the blocks and the loss region: in a single process
+    on CUDA with one micro-step a step; not under DDP or FSDP2, whose hooks and collectives sit
+    between the blocks, and not with several micro-steps, whose gradients a replay would
+    overwrite. Nothing runs here: compile's mode is what is asked for."""
+    from neuromanifold_gpt import distributed
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
+    monkeypatch.setattr(distributed, "DDP", lambda model, **kw: model)
+    monkeypatch.setattr(distributed, "init_device_mesh", lambda *a: None)
+    monkeypatch.setattr(distributed, "fully_shard", lambda *a, **kw: None)
+    model = make(checkpoint_policy="block")
+    model.config.memory_levers.lean_loss = True
+    info = distributed.DistInfo(world_size=1 if parallelism == "none" else 2, parallelism=parallelism)
+    distributed.parallelize(model, info, torch.device(device), compile=True, micro_steps=micro_steps)
+    assert modes == [("reduce-overhead" if graphs else None)] * (len(model.transformer.h) + 1)

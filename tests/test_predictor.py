@@ -292,3 +292,20 @@ def test_bench_profile_sorts_the_device_time_by_kernel_kind(tmp_path):
                        "eager block", "--exact", "--profile", "eager block"]) == 0
     text = (tmp_path / "profile_tiny_eager_block.md").read_text()
     assert "| top CPU ops | calls a step | ms a step |" in text and "| aten::mm |" in text
+
+
+def test_bench_runs_each_lean_plan_under_the_compile_units_it_does_not_use():
+    """`(whole model)` and `(no cuda graphs)` for block +lean, which compiles block by block with
+    CUDA graphs; `(per block)` for none +lean, which compiles the whole model."""
+    import bench
+    from neuromanifold_gpt import distributed
+
+    variants = {label: variant for label, _, variant in bench.our_rows(quick=False)}
+    assert variants["compiled block +lean (whole model)"] == "whole model"
+    assert variants["compiled block +lean (no cuda graphs)"] == "no cuda graphs"
+    assert variants["compiled none +lean (per block)"] == "per block"
+    assert "compiled none +lean (no cuda graphs)" not in variants
+    cuda = (distributed.DistInfo(), torch.device("cuda"), 1)
+    assert distributed.cuda_graphs(*cuda)
+    with bench.VARIANTS["no cuda graphs"]():
+        assert not distributed.cuda_graphs(*cuda)
