@@ -178,3 +178,20 @@ def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
     info = distributed.DistInfo(world_size=1 if parallelism == "none" else 2, parallelism=parallelism)
     distributed.parallelize(model, info, torch.device(device), compile=True, micro_steps=micro_steps)
     assert modes == [("reduce-overhead" if graphs else None)] * (len(model.transformer.h) + 1)
+
+
+def test_the_trainer_tells_the_compile_plan_its_micro_steps(monkeypatch, data_dir):
+    """Several micro-steps a step must reach distributed.cuda_graphs, which then leaves the
+    graphs out (a replay would overwrite the gradients kept between micro-steps)."""
+    from neuromanifold_gpt import distributed
+    from neuromanifold_gpt.config.cli import parse_args
+    from neuromanifold_gpt.trainer import Trainer
+
+    seen = []
+    monkeypatch.setattr(distributed, "cuda_graphs", lambda info, device, steps: seen.append(steps))
+    cfg = parse_args(["--data_dir", str(data_dir), "--dataset", "tiny", "--n_layer", "2", "--n_head", "2",
+                      "--n_embd", "32", "--batch_size", "2", "--block_size", "16", "--compile", "true",
+                      "--gradient_checkpointing", "true", "--lean_loss", "true",
+                      "--gradient_accumulation_steps", "3"])
+    Trainer(cfg, quiet=True).build()  # compile is lazy: nothing is traced here
+    assert seen == [3]

@@ -78,13 +78,15 @@ def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir):
                                wraps=cudagraph_trees.cudagraphify_impl) as record:
             return run(data_dir, *flags, *extra), record.call_count
 
-    graphs, made = recorded()
-    assert made >= 2  # at least the blocks' forward and backward graphs
-    with mock.patch.object(distributed, "cuda_graphs", lambda *args: False):
-        launched, none_made = recorded()
-    assert none_made == 0
-    assert graphs["losses"] == pytest.approx(launched["losses"], rel=1e-5)
-    assert graphs["final_val_loss"] == pytest.approx(launched["final_val_loss"], rel=1e-5)
-    accumulated, made = recorded("--gradient_accumulation_steps", "2")
-    assert made == 0 and len(accumulated["losses"]) == 5
-    torch._dynamo.reset()  # the graphs' memory would count in a later test's peak
+    try:
+        graphs, made = recorded()
+        assert made >= 2  # at least the blocks' forward and backward graphs
+        with mock.patch.object(distributed, "cuda_graphs", lambda *args: False):
+            launched, none_made = recorded()
+        assert none_made == 0
+        assert graphs["losses"] == pytest.approx(launched["losses"], rel=1e-5)
+        assert graphs["final_val_loss"] == pytest.approx(launched["final_val_loss"], rel=1e-5)
+        accumulated, made = recorded("--gradient_accumulation_steps", "2")
+        assert made == 0 and len(accumulated["losses"]) == 5
+    finally:
+        torch._dynamo.reset()  # the graphs' memory would count in a later test's peak
