@@ -24,9 +24,9 @@ gradient_checkpointing_enable(). A lean-loss row's variants: (cce) or (liger) ru
 linear cross-entropy of cut-cross-entropy or of Liger in place of our lean loss, (cce filtered)
 the former with its default gradient filter, (per block) or (whole model) the compile unit the
 plan does not use by default, (no cuda graphs) a block-by-block compile whose kernels are
-launched one by one instead of replayed as CUDA graphs. --profile LABEL runs that row again after the bench,
-under torch.profiler for --profile_steps steps, and writes where its step's time goes by kind of
-kernel (OUT_DIR/profile_PRESET_LABEL.md).
+launched one by one instead of replayed as CUDA graphs. --profile LABEL runs that row again
+after the bench, under torch.profiler for --profile_steps steps, and writes where its step's
+time goes by kind of kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
 vs step time per preset, with the Pareto front).
 
@@ -129,7 +129,8 @@ VARIANTS = {
     # block by block, each compiled block's kernels launched one by one instead of as a graph
     "no cuda graphs": lambda: mock.patch.object(distributed, "cuda_graphs", lambda *args: False),
 }
-COMPILE_UNITS = ("per block", "whole model", "no cuda graphs")
+# the compile variants of a lean plan, by whether the plan compiles block by block
+COMPILE_VARIANTS = {True: ["whole model", "no cuda graphs"], False: ["per block"]}
 
 
 def row_settings(fields: dict, compile: bool) -> dict:
@@ -150,8 +151,7 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
         compiled.append((f"compiled {label}", row_settings(kw, True), None))
         if label in ("none +lean", "block +lean"):
             per_block = distributed.compiles_per_block(TrainConfig.from_flags(**kw).model_config(65))
-            units = ["whole model", "no cuda graphs"] if per_block else ["per block"]
-            variants = [v for v in VARIANTS if v not in COMPILE_UNITS] + units
+            variants = [*LOSS_KERNELS, *COMPILE_VARIANTS[per_block]]
             compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
                          for variant in variants]
     return eager + compiled
