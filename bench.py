@@ -572,8 +572,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_presets", default="shakespeare_char,gpt2,gpt2-medium")
     parser.add_argument("--budget_presets", default="gpt2,gpt2-medium")
     parser.add_argument("--budgets", default="3,6,10,20", help="GiB, comma-separated")
-    parser.add_argument("--against", default="", metavar="JSON",
-                        help="with --plans: the bench.json to compare the budget plans with")
+    parser.add_argument("--against", default="", metavar="JSON[,JSON...]",
+                        help="with --plans: the bench.json files to compare the budget plans with")
     args = parser.parse_args(argv)
     try:
         args.loss_chunks = [int(c) for c in filter(None, args.loss_chunks.split(","))]
@@ -596,17 +596,11 @@ def main(argv=None) -> int:
     if args.loss_kernels:
         return loss_kernel_bench(args)
     if args.report:
-        merged, meta = {}, {}
-        for path in args.report.split(","):
-            data = read_json(path, required=("rows",))
-            for r in data.pop("rows"):
-                r.setdefault("variant", r.pop("kernel", None))  # its name in older files
-                merged[r["preset"], r["label"]] = r
-            meta = dict(data, sources=meta.get("sources", []) + [path])
+        meta, rows = read_reports(args.report)
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        report(Path(args.out_dir), meta, list(merged.values()))
+        report(Path(args.out_dir), meta, rows)
         if args.write_costs:
-            write_json(COSTS_FILE, plan_costs(meta, list(merged.values()), args.write_costs))
+            write_json(COSTS_FILE, plan_costs(meta, rows, args.write_costs))
             print(f"wrote {COSTS_FILE}")
         return 0
     if args.quick:
@@ -674,6 +668,19 @@ def main(argv=None) -> int:
                         "OOM" if r["oom"] else r.get("failed") or f"{path}\n{path.read_text()}"))
     report(out, meta, [merge_repeats(v) for v in runs.values()])
     return 0
+
+
+def read_reports(paths: str) -> tuple[dict, list[dict]]:
+    """The rows of comma-separated bench.json files (a row of a later file replaces the same
+    row of an earlier one) and the last file's meta, with every source named."""
+    merged, meta = {}, {}
+    for path in paths.split(","):
+        data = read_json(path, required=("rows",))
+        for r in data.pop("rows"):
+            r.setdefault("variant", r.pop("kernel", None))  # its name in older files
+            merged[r["preset"], r["label"]] = r
+        meta = dict(data, sources=meta.get("sources", []) + [path])
+    return meta, list(merged.values())
 
 
 def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
@@ -799,7 +806,7 @@ def check_plans(args) -> int:
     unknown = [p for p in used if p not in VOCAB]
     if unknown:
         raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
-    bench = read_json(args.against, required=("rows",)) if args.against else {}
+    bench = dict(rows=read_reports(args.against)[1]) if args.against else {}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"batch": [], "budget": []}

@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -100,12 +101,10 @@ def close() -> None:
 def compiles_per_block(config) -> bool:
     """Whether a single process compiles this model block by block (FSDP2 always does): with
     every block checkpointed and the lean loss. On the H200 at GPT-2 124M, 12 x 1024 (bench.py
-    --repeat 3) that peaks at 2.440 GiB against 2.549 GiB with the whole model compiled, and at
-    355M at 5.881 against 6.020; the whole model's step was no slower (60.9 against 64.5 ms at
-    124M, on a host that ran other benches beside it)."""
-    ac = config.activation_checkpoint
-    return (config.gradient_checkpointing and ac.checkpoint_policy == "block"
-            and ac.checkpoint_every == 1 and ac.checkpoint_layers is None
+    --repeat 3) that peaked at 2.41 GiB against 2.55 GiB with the whole model compiled, and
+    stepped in 36.2 against 40.4 ms (README, "Results")."""
+    return (config.activation_checkpoint.checkpoint_policy == "block"
+            and checkpointed_layers(config) == list(range(config.n_layer))
             and bool(config.memory_levers.lean_loss))
 
 
@@ -119,15 +118,21 @@ def cuda_graphs(info: DistInfo, device: torch.device, micro_steps: int) -> bool:
     return device.type == "cuda" and info.parallelism == "none" and micro_steps == 1
 
 
+def replays_graphs(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
+                   micro_steps: int) -> bool:
+    """Whether parallelize compiles this model's blocks to CUDA graphs."""
+    return compile and compiles_per_block(model.config) and cuda_graphs(info, device, micro_steps)
+
+
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
-                micro_steps: int = 1) -> nn.Module:
+                micro_steps: int) -> nn.Module:
     """Compile and wrap `model` (checkpointing already applied); returns the module to train
     through: the DDP wrapper, or the model itself (FSDP2 shards it in place)."""
     blocks = model.transformer.h
     if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
         # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
         # compile each block and the loss region alone, between those hooks (torchtitan's way)
-        mode = "reduce-overhead" if cuda_graphs(info, device, micro_steps) else None
+        mode = "reduce-overhead" if replays_graphs(model, info, device, compile, micro_steps) else None
         for block in blocks:
             block.compile(mode=mode)
         model.loss = torch.compile(model.loss, mode=mode)

@@ -10,8 +10,8 @@ the logits, then turns that gradient at once into the gradients of the hidden st
 head weight, summed in fp32. Only one chunk's logits exist at a time; backward merely scales the
 stored gradients. On CUDA each chunk's softmax arithmetic is compiled, and the matmuls are
 cuBLAS's. Chosen over the fused kernels of cut-cross-entropy and Liger by bench.py's measurement
-(`--loss_kernels` and the `(cce)`/`(liger)` rows, docs/memory.md): faster in the step, and
-exact to bf16 rounding where cut-cross-entropy's bf16 sums are not.
+(`--loss_kernels` and the `(cce)`/`(liger)` rows, docs/memory.md): the fastest of the exact
+kernels alone, and exact to bf16 rounding where cut-cross-entropy's bf16 sums are not.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ _compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad, dynamic=Fals
 
 
 def _add_chunk_grads(g, w, xc, grad_x, grad_w) -> None:
-    """grad_x = g @ w (the chunk's rows, written in place) and grad_w += g.T @ xc, each in
-    its buffer's dtype (fp32 or wider). g: (c, V), w: (V, C), xc: (c, C) in the compute dtype."""
+    """grad_x = g @ w (the chunk's rows, written in place, in x's dtype) and grad_w += g.T @ xc
+    (in fp32 or wider). g: (c, V), w: (V, C), xc: (c, C) in the compute dtype."""
     if g.is_cuda:
         # cuBLAS sums the bf16 products into the fp32 buffers itself: no (V, C) temporary
         # product and no separate addition over the head's gradient for every chunk

@@ -59,6 +59,8 @@ class Trainer:
         self.snapshot_path = snapshot_path(cfg.out_dir)
         self.apart = False  # ranks may be waiting in different collectives (no agreement then)
         self.model = self.wrapped = None
+        self.graphs = False  # whether the compiled blocks replay as CUDA graphs (build)
+        self.ahead = None  # (the generator's state before it, the next training batch)
         # called with "forward", "backward" and "optimizer" as each phase of a step begins; a
         # hook on the model would be traced by compile and recompile it
         self.on_phase = lambda phase: None
@@ -76,6 +78,8 @@ class Trainer:
         # DDP's constructor broadcasts the weights
         self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile,
                                                cfg.gradient_accumulation_steps)
+        self.graphs = distributed.replays_graphs(self.model, self.dist, self.device, self.compile,
+                                                 cfg.gradient_accumulation_steps)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if cfg.init_from == "resume":
             self.apart = self.dist.parallelism == "fsdp"  # FSDP2 scatters the loaded state
@@ -102,8 +106,27 @@ class Trainer:
     def new_step(self) -> None:
         """Before each forward: compiled CUDA graphs may then reuse the last step's outputs'
         memory (distributed.cuda_graphs)."""
-        if self.compile and self.device.type == "cuda":
+        if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
+
+    def next_batch(self):
+        """The next training batch: the one fetched ahead, else a fresh one."""
+        if self.ahead is None:
+            return self.loader.get_batch("train")
+        batch, self.ahead = self.ahead[1], None
+        return batch
+
+    def fetch_ahead(self) -> None:
+        """Draw the next step's first batch while the device still runs this step's work, so
+        that the next step does not begin by waiting for the host to read and copy it."""
+        self.ahead = (self.loader.generator.get_state(), self.loader.get_batch("train"))
+
+    def drop_ahead(self) -> None:
+        """Undraw the batch fetched ahead: the generator's state is then that of a run that
+        never fetched ahead, as a snapshot must record it."""
+        if self.ahead is not None:
+            self.loader.generator.set_state(self.ahead[0])
+            self.ahead = None
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -140,7 +163,7 @@ class Trainer:
         micro_steps = cfg.gradient_accumulation_steps // self.dist.world_size  # per rank
         self.apart = True  # forward and backward: DDP all-reduces, FSDP2 gathers and scatters
         for k in range(micro_steps):
-            x, y = self.loader.get_batch("train")
+            x, y = self.next_batch()
             self.new_step()
             with distributed.sync_gradients(self.wrapped, sync=k == micro_steps - 1):
                 self.on_phase("forward")
@@ -162,6 +185,7 @@ class Trainer:
         time in seconds."""
         t0 = time.perf_counter()
         loss = self.train_step()
+        self.fetch_ahead()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -198,6 +222,7 @@ class Trainer:
                 self.log(f"step {self.iter_num}: train loss {evals['train']:.4f}, "
                          f"val loss {evals['val']:.4f}")
                 if cfg.save_snapshot:
+                    self.drop_ahead()
                     save_snapshot(self.snapshot_path, self.model, self.optimizer,
                                   self.loader.generator, self.iter_num, cfg.to_dict(), self.device,
                                   self.dist)

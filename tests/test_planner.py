@@ -12,7 +12,14 @@ import train
 from neuromanifold_gpt import build_model, planner
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
-from neuromanifold_gpt.planner import HEADROOM, PLANS, Planner, oom_advice, resolve_auto
+from neuromanifold_gpt.planner import (
+    HEADROOM,
+    LEAN_MIN_VOCAB,
+    PLANS,
+    Planner,
+    oom_advice,
+    resolve_auto,
+)
 from neuromanifold_gpt.predictor import GIB
 from tests.conftest import one_line_error
 
@@ -29,10 +36,12 @@ def test_left_to_the_machine_compile_and_lean_loss_follow_device_and_size():
         cfg = resolve_auto(TrainConfig.from_flags(preset=preset, **kw), vocab, device)
         return cfg.compile, cfg.memory_levers.lean_loss
 
-    assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, False)  # exact lean loss: 1.5x the step
-    assert auto("gpt2", "cuda", GPT2_VOCAB, lean_loss=True) == (True, True)
+    assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, True)  # the logits outweigh the rest
+    assert auto("gpt2", "cuda", GPT2_VOCAB, lean_loss=False) == (True, False)
+    assert auto("gpt2", "cuda", LEAN_MIN_VOCAB - 1) == (True, False)
     assert auto("shakespeare_char", "cuda", 65) == (False, False)  # eager was as fast, no logits to spare
     assert auto("gpt2", "cpu", GPT2_VOCAB) == (False, False)
+    assert auto("gpt2", "cpu", GPT2_VOCAB, lean_loss=True) == (False, True)
     assert auto("gpt2", "cuda", GPT2_VOCAB, compile=False, lean_loss=False) == (False, False)
 
 
@@ -189,7 +198,8 @@ def test_fsdp_prediction_matches_the_real_shards(world):
     try:
         model = build_model(mc)
         full = {name: p.numel() for name, p in model.named_parameters()}
-        parallelize(model, DistInfo(0, 0, world, "fsdp"), torch.device("cpu"), compile=False)
+        parallelize(model, DistInfo(0, 0, world, "fsdp"), torch.device("cpu"), compile=False,
+                    micro_steps=1)
         local = sum(p.to_local().numel() for p in model.parameters())
     finally:
         dist.destroy_process_group()

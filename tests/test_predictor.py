@@ -176,6 +176,29 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
 
 
+def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_reports(tmp_path):
+    """--against takes several bench.json files (one per process of a split bench): a row of a
+    later file replaces the same row of an earlier one."""
+    import bench
+
+    def row(label, gb, ms):
+        return dict(preset="gpt2", label=label, impl="ours", variant=None, oom=False,
+                    peak_allocated_gb=gb, step_ms=ms)
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(device="d", rows=[row("compiled none", 6.8, 29.0),
+                                                       row("compiled block +lean", 2.4, 36.0)])))
+    second.write_text(json.dumps(dict(device="d", rows=[row("compiled none", 6.8, 30.0),
+                                                        row("compiled block", 3.9, 33.0)])))
+    meta, rows = bench.read_reports(f"{first},{second}")
+    assert meta["sources"] == [str(first), str(second)] and len(rows) == 3
+    merged = dict(rows=rows)
+    assert bench.fastest_bench_row(merged, "gpt2", 10)["step_ms"] == 30.0  # the later file's
+    assert bench.fastest_bench_row(merged, "gpt2", 4)["label"] == "compiled block"
+    assert bench.fastest_bench_row(merged, "gpt2", 3)["label"] == "compiled block +lean"
+    assert bench.fastest_bench_row(merged, "gpt2", 2) is None
+
+
 def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
     import bench
 

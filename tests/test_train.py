@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuromanifold_gpt.config.cli import parse_args
-from neuromanifold_gpt.trainer import train
+from neuromanifold_gpt.trainer import Trainer, train
 from tests.conftest import ROOT
 
 
@@ -54,6 +54,15 @@ def test_resume_continues_the_same_loss_curve(tiny_args, tmp_path):
     assert first["losses"] == pytest.approx(straight["losses"][:3], rel=1e-6)
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], rel=1e-5)
     assert resumed["iters"] == 6
+
+
+def test_fetching_the_next_batch_ahead_trains_on_the_same_batches(tiny_args, tmp_path, monkeypatch):
+    """Each step fetches the next one's batch while the device works; the batches, evaluations
+    between steps included, are those of a loop that reads each batch when it needs it."""
+    args = tiny_args + ["--max_iters", "5", "--eval_interval", "2", "--gradient_accumulation_steps", "2"]
+    ahead = run(args)
+    monkeypatch.setattr(Trainer, "fetch_ahead", lambda self: None)
+    assert run(args)["losses"] == pytest.approx(ahead["losses"], rel=1e-6)
 
 
 def test_resume_without_snapshot_is_a_clear_error(tiny_args, tmp_path):

@@ -66,8 +66,8 @@ class ActivationCheckpoint:
 class MemoryLevers:
     """Memory savers beyond checkpointing (neuromanifold_gpt/loss.py and levers.py)."""
 
-    lean_loss: bool | None = None  # head + cross-entropy without the (B, T, V) logits (None = off
-    # unless a memory_budget_gb plan chooses it, see neuromanifold_gpt/planner.py)
+    lean_loss: bool | None = None  # head + cross-entropy without the (B, T, V) logits (None =
+    # on CUDA with a GPT-2-sized vocabulary, or as a memory_budget_gb plan chooses; planner.py)
     offload_activations: bool = False  # keep saved activations (checkpointed: block inputs) in host RAM
     optimizer_in_backward: bool = False  # step each weight once its grad is ready, then free it
     activation_memory_budget: float = 1.0  # compile's saved-activation budget (<1 recomputes more)
