@@ -704,9 +704,11 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
                          f"bench.py --presets {preset} first")
     fastest = min(r["step_ms"] for r in steps.values())
     r = next(iter(steps.values()))
+    sources = len(meta.get("sources", [])) or 1
+    merged = f", {sources} reports merged (one process each)" if sources > 1 else ""
     return {"hardware": f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
                         f"{preset} at {r['batch_size']} x {r['block_size']}, bench.py --steps "
-                        f"{meta['steps']} --repeat {meta.get('repeat', 1)}",
+                        f"{meta['steps']} --repeat {meta.get('repeat', 1)}{merged}",
             "step_ratio": {label: round(r["step_ms"] / fastest, 3) for label, r in steps.items()}}
 
 

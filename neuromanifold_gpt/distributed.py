@@ -120,8 +120,12 @@ def cuda_graphs(info: DistInfo, device: torch.device, micro_steps: int) -> bool:
 
 def replays_graphs(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
                    micro_steps: int) -> bool:
-    """Whether parallelize compiles this model's blocks to CUDA graphs."""
-    return compile and compiles_per_block(model.config) and cuda_graphs(info, device, micro_steps)
+    """Whether parallelize compiles this model's blocks to CUDA graphs. Not with offloaded
+    activations: their copies to the host between the graphs took GPT-2 124M's checkpointed
+    step from 34.8 to 879.6 ms on the H200 (bench.py --repeat 3)."""
+    return (compile and compiles_per_block(model.config)
+            and not model.config.memory_levers.offload_activations
+            and cuda_graphs(info, device, micro_steps))
 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,

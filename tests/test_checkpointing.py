@@ -157,15 +157,17 @@ def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
     assert hasattr(model.loss, "_torchdynamo_orig_callable") is per_block
 
 
-@pytest.mark.parametrize("device, parallelism, micro_steps, graphs", [
-    ("cuda", "none", 1, True), ("cpu", "none", 1, False), ("cuda", "none", 2, False),
-    ("cuda", "ddp", 1, False), ("cuda", "fsdp", 1, False)])
+@pytest.mark.parametrize("device, parallelism, micro_steps, offload, graphs", [
+    ("cuda", "none", 1, False, True), ("cpu", "none", 1, False, False),
+    ("cuda", "none", 2, False, False), ("cuda", "ddp", 1, False, False),
+    ("cuda", "fsdp", 1, False, False), ("cuda", "none", 1, True, False)])
 def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
-        monkeypatch, device, parallelism, micro_steps, graphs):
+        monkeypatch, device, parallelism, micro_steps, offload, graphs):
     """CUDA graphs ("reduce-overhead") for the blocks and the loss region: in a single process
     on CUDA with one micro-step a step; not under DDP or FSDP2, whose hooks and collectives sit
-    between the blocks, and not with several micro-steps, whose gradients a replay would
-    overwrite. Nothing runs here: compile's mode is what is asked for."""
+    between the blocks, not with several micro-steps, whose gradients a replay would
+    overwrite, and not with activations offloaded to the host, whose copies between the graphs
+    made the step 25 times slower. Nothing runs here: compile's mode is what is asked for."""
     from neuromanifold_gpt import distributed
 
     modes = []
@@ -176,6 +178,7 @@ def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
     monkeypatch.setattr(distributed, "fully_shard", lambda *a, **kw: None)
     model = make(checkpoint_policy="block")
     model.config.memory_levers.lean_loss = True
+    model.config.memory_levers.offload_activations = offload
     info = distributed.DistInfo(world_size=1 if parallelism == "none" else 2, parallelism=parallelism)
     distributed.parallelize(model, info, torch.device(device), compile=True, micro_steps=micro_steps)
     assert modes == [("reduce-overhead" if graphs else None)] * (len(model.transformer.h) + 1)
