@@ -35,27 +35,39 @@ def chunk_tokens(n_tokens: int, vocab_size: int, chunk_bytes: int = CHUNK_BYTES)
     return -(-n_tokens // first)
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                         fused: bool = False):
     """Summed weighted cross-entropy of one chunk and its gradient w.r.t. the logits.
 
     logits: (c, V) in the compute dtype; targets: (c,) (ignored ones already set to 0);
-    weights: (c,) in fp32 or wider, 1/n_valid for counted tokens and 0 for ignored ones."""
+    weights: (c,) in fp32 or wider, 1/n_valid for counted tokens and 0 for ignored ones.
+    fused: the gradient as one element-wise expression (the one-hot a comparison), which
+    compile turns into a single pass from the logits to the gradient in the compute dtype;
+    otherwise it is built in place in one fp32 copy of the logits (eager)."""
     z = logits.to(weights.dtype)  # (c, V)
     lse = torch.logsumexp(z, dim=-1)  # (c,)
     target_logit = z.gather(1, targets[:, None]).squeeze(1)  # (c,)
     loss_sum = ((lse - target_logit) * weights).sum()
-    # d loss / d logits = (softmax - one_hot) * weight, built in place in z: the chunk then
-    # costs one fp32 copy of its logits, not four
-    grad = z.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
-    grad.mul_(weights[:, None])
+    # d loss / d logits = (softmax - one_hot) * weight
+    if fused:
+        one_hot = torch.arange(z.size(1), device=z.device) == targets[:, None]
+        grad = ((z - lse[:, None]).exp() - one_hot.to(z.dtype)) * weights[:, None]
+    else:  # in place: the chunk costs one fp32 copy of its logits, not four
+        grad = z.sub_(lse[:, None]).exp_()
+        grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+        grad.mul_(weights[:, None])
     return loss_sum, grad.to(logits.dtype)
 
 
-# On CUDA the chunk's arithmetic runs as two fused kernels (a reduction for the logsumexp and
-# one pass that writes the gradient in the compute dtype): no fp32 copy of the chunk's logits
-# and a fraction of the memory traffic of the eager operations. The CPU runs it eagerly.
-_compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad, dynamic=False)
+def _fused_chunk_loss_and_grad(logits, targets, weights):
+    return _chunk_loss_and_grad(logits, targets, weights, fused=True)
+
+
+# On CUDA the chunk's arithmetic runs as two compiled kernels (a reduction for the logsumexp and
+# one pass that writes the gradient in the compute dtype): no fp32 copy of the chunk's logits,
+# which a scatter into it would need, and a fraction of the eager operations' memory traffic.
+# The CPU runs it eagerly, in place.
+_compiled_chunk_loss_and_grad = torch.compile(_fused_chunk_loss_and_grad, dynamic=False)
 
 
 def _add_chunk_grads(g, w, xc, grad_x, grad_w) -> None:

@@ -1,5 +1,7 @@
 """The lean loss equals the plain loss in value and gradients, and never holds the logits."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuromanifold_gpt import build_model
 from neuromanifold_gpt.config.base import MemoryLevers, NeuroManifoldConfig
-from neuromanifold_gpt.loss import chunk_tokens, linear_cross_entropy
+from neuromanifold_gpt.loss import (
+    _chunk_loss_and_grad,
+    _compiled_chunk_loss_and_grad,
+    chunk_tokens,
+    linear_cross_entropy,
+)
 
 
 def _inputs(N=100, C=16, V=130, dtype=torch.float64, seed=0):
@@ -31,6 +38,22 @@ def test_equals_plain_loss_and_gradients(chunk):
     torch.testing.assert_close(lean, plain, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, x.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gw, w.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_cuda_chunk_arithmetic_equals_the_in_place_one():
+    """CUDA runs each chunk's loss and gradient as one compiled expression (the one-hot a
+    comparison, so compile writes no fp32 copy of the logits); the CPU builds the gradient in
+    place. Both give the same loss and gradient, here compiled for the CPU."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(64, 1000, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, 1000, (64,), generator=g)
+    weights = torch.rand(64, generator=g) * (torch.arange(64) % 5 != 0)  # ignored rows weigh 0
+    loss, grad = _chunk_loss_and_grad(logits.clone(), targets, weights)
+    for fused in (functools.partial(_chunk_loss_and_grad, fused=True), _compiled_chunk_loss_and_grad):
+        fused_loss, fused_grad = fused(logits.clone(), targets, weights)
+        assert fused_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused_grad, grad, rtol=1e-2, atol=1e-5)
 
 
 def test_no_grad_computes_only_the_loss():
