@@ -676,10 +676,16 @@ def read_reports(paths: str) -> tuple[dict, list[dict]]:
     merged, meta = {}, {}
     for path in paths.split(","):
         data = read_json(path, required=("rows",))
+        differ = [k for k in ("device", "torch_version", "steps", "repeat")
+                  if meta and data.get(k) != meta.get(k)]
+        if differ:
+            raise ValueError(f"{path}: its {differ[0]} ({data.get(differ[0])!r}) is not that of the "
+                             f"reports before it ({meta.get(differ[0])!r}); merge reports of one "
+                             "machine, torch and --steps/--repeat")
         for r in data.pop("rows"):
             r.setdefault("variant", r.pop("kernel", None))  # its name in older files
             merged[r["preset"], r["label"]] = r
-        meta = dict(data, sources=meta.get("sources", []) + [path])
+        meta = dict(data, sources=meta.get("sources", []) + data.get("sources", [path]))
     return meta, list(merged.values())
 
 

@@ -39,6 +39,9 @@ def test_left_to_the_machine_compile_and_lean_loss_follow_device_and_size():
     assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, True)  # the logits outweigh the rest
     assert auto("gpt2", "cuda", GPT2_VOCAB, lean_loss=False) == (True, False)
     assert auto("gpt2", "cuda", LEAN_MIN_VOCAB - 1) == (True, False)
+    assert auto("gpt2", "cuda", LEAN_MIN_VOCAB) == (True, True)
+    cfg = TrainConfig.from_flags(preset="gpt2")
+    assert H200.setup(cfg, 139.3, 139.8).lines[0] == "compile: on (auto); memory levers: lean loss (auto)"
     assert auto("shakespeare_char", "cuda", 65) == (False, False)  # eager was as fast, no logits to spare
     assert auto("gpt2", "cpu", GPT2_VOCAB) == (False, False)
     assert auto("gpt2", "cpu", GPT2_VOCAB, lean_loss=True) == (False, True)

@@ -193,6 +193,13 @@ def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_repor
                                                         row("compiled block", 3.9, 33.0)])))
     meta, rows = bench.read_reports(f"{first},{second}")
     assert meta["sources"] == [str(first), str(second)] and len(rows) == 3
+    merged_file = tmp_path / "merged.json"
+    merged_file.write_text(json.dumps(dict(meta, rows=rows)))
+    assert bench.read_reports(str(merged_file))[0]["sources"] == [str(first), str(second)]
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps(dict(device="e", rows=[])))
+    with pytest.raises(ValueError, match="its device .* is not that of the reports before it"):
+        bench.read_reports(f"{first},{other}")
     merged = dict(rows=rows)
     assert bench.fastest_bench_row(merged, "gpt2", 10)["step_ms"] == 30.0  # the later file's
     assert bench.fastest_bench_row(merged, "gpt2", 4)["label"] == "compiled block"
