@@ -789,9 +789,9 @@ def run_train(data_dir: str, preset: str, extra: list[str], steps: int, metrics:
                 checkpointed_blocks=m.get("checkpointed_blocks"))
 
 
-def fastest_bench_row(bench: dict, preset: str, budget: float) -> dict | None:
-    rows = [r for r in ours_as_run(bench.get("rows", []), preset) if r["peak_allocated_gb"] <= budget]
-    return min(rows, key=lambda r: r["step_ms"], default=None)
+def fastest_bench_row(rows: list[dict], preset: str, budget: float) -> dict | None:
+    fitting = [r for r in ours_as_run(rows, preset) if r["peak_allocated_gb"] <= budget]
+    return min(fitting, key=lambda r: r["step_ms"], default=None)
 
 
 def check_plans(args) -> int:
@@ -814,7 +814,7 @@ def check_plans(args) -> int:
     unknown = [p for p in used if p not in VOCAB]
     if unknown:
         raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
-    bench = dict(rows=read_reports(args.against)[1]) if args.against else {}
+    bench_rows = read_reports(args.against)[1] if args.against else []
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"batch": [], "budget": []}
@@ -826,7 +826,7 @@ def check_plans(args) -> int:
         for table, preset, extra, steps, name, facts in runs:
             r = dict(run_train(data_dir, preset, extra, steps, out / name), **facts)
             if table == "budget":
-                best = fastest_bench_row(bench, preset, facts["budget_gb"])
+                best = fastest_bench_row(bench_rows, preset, facts["budget_gb"])
                 r.update(bench_row=best and best["label"], bench_step_ms=best and best["step_ms"])
             results[table].append(r)
             print(json.dumps(r), flush=True)

@@ -200,11 +200,10 @@ def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_repor
     other.write_text(json.dumps(dict(device="e", rows=[])))
     with pytest.raises(ValueError, match="its device .* is not that of the reports before it"):
         bench.read_reports(f"{first},{other}")
-    merged = dict(rows=rows)
-    assert bench.fastest_bench_row(merged, "gpt2", 10)["step_ms"] == 30.0  # the later file's
-    assert bench.fastest_bench_row(merged, "gpt2", 4)["label"] == "compiled block"
-    assert bench.fastest_bench_row(merged, "gpt2", 3)["label"] == "compiled block +lean"
-    assert bench.fastest_bench_row(merged, "gpt2", 2) is None
+    assert bench.fastest_bench_row(rows, "gpt2", 10)["step_ms"] == 30.0  # the later file's
+    assert bench.fastest_bench_row(rows, "gpt2", 4)["label"] == "compiled block"
+    assert bench.fastest_bench_row(rows, "gpt2", 3)["label"] == "compiled block +lean"
+    assert bench.fastest_bench_row(rows, "gpt2", 2) is None
 
 
 def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
