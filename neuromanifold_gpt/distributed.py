@@ -129,14 +129,15 @@ def replays_graphs(model: nn.Module, info: DistInfo, device: torch.device, compi
 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
-                micro_steps: int) -> nn.Module:
+                graphs: bool) -> nn.Module:
     """Compile and wrap `model` (checkpointing already applied); returns the module to train
-    through: the DDP wrapper, or the model itself (FSDP2 shards it in place)."""
+    through: the DDP wrapper, or the model itself (FSDP2 shards it in place). graphs: whether
+    the blocks compiled one by one replay as CUDA graphs (replays_graphs)."""
     blocks = model.transformer.h
     if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
         # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
         # compile each block and the loss region alone, between those hooks (torchtitan's way)
-        mode = "reduce-overhead" if replays_graphs(model, info, device, compile, micro_steps) else None
+        mode = "reduce-overhead" if graphs else None
         for block in blocks:
             block.compile(mode=mode)
         model.loss = torch.compile(model.loss, mode=mode)

@@ -16,6 +16,8 @@ kernels alone, and exact to bf16 rounding where cut-cross-entropy's bf16 sums ar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -59,15 +61,12 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: t
     return loss_sum, grad.to(logits.dtype)
 
 
-def _fused_chunk_loss_and_grad(logits, targets, weights):
-    return _chunk_loss_and_grad(logits, targets, weights, fused=True)
-
-
 # On CUDA the chunk's arithmetic runs as two compiled kernels (a reduction for the logsumexp and
 # one pass that writes the gradient in the compute dtype): no fp32 copy of the chunk's logits,
 # which a scatter into it would need, and a fraction of the eager operations' memory traffic.
 # The CPU runs it eagerly, in place.
-_compiled_chunk_loss_and_grad = torch.compile(_fused_chunk_loss_and_grad, dynamic=False)
+_compiled_chunk_loss_and_grad = torch.compile(functools.partial(_chunk_loss_and_grad, fused=True),
+                                              dynamic=False)
 
 
 def _add_chunk_grads(g, w, xc, grad_x, grad_w) -> None:

@@ -74,12 +74,12 @@ class Trainer:
         self.layers = checkpointed_layers(self.model_config)
         if self.dist.world_size > 1:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
+        self.graphs = distributed.replays_graphs(self.model, self.dist, self.device, self.compile,
+                                                 cfg.gradient_accumulation_steps)
         # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2);
         # DDP's constructor broadcasts the weights
         self.wrapped = distributed.parallelize(self.model, self.dist, self.device, self.compile,
-                                               cfg.gradient_accumulation_steps)
-        self.graphs = distributed.replays_graphs(self.model, self.dist, self.device, self.compile,
-                                                 cfg.gradient_accumulation_steps)
+                                               self.graphs)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if cfg.init_from == "resume":
             self.apart = self.dist.parallelism == "fsdp"  # FSDP2 scatters the loaded state
@@ -105,7 +105,7 @@ class Trainer:
 
     def new_step(self) -> None:
         """Before each forward: compiled CUDA graphs may then reuse the last step's outputs'
-        memory (distributed.cuda_graphs)."""
+        memory (distributed.replays_graphs)."""
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
@@ -185,7 +185,8 @@ class Trainer:
         time in seconds."""
         t0 = time.perf_counter()
         loss = self.train_step()
-        self.fetch_ahead()
+        if self.iter_num + 1 < self.cfg.max_iters:  # another step follows
+            self.fetch_ahead()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0

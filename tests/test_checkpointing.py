@@ -150,7 +150,7 @@ def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
     model = make(**ckpt)
     model.config.memory_levers.lean_loss = lean
     distributed.parallelize(model, distributed.DistInfo(), torch.device("cpu"), compile=True,
-                            micro_steps=1)
+                            graphs=False)
     compiled = lambda m: getattr(m, "_compiled_call_impl", None) is not None  # noqa: E731
     assert compiled(model) is not per_block
     assert all(compiled(b) is per_block for b in model.transformer.h)
@@ -180,7 +180,9 @@ def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
     model.config.memory_levers.lean_loss = True
     model.config.memory_levers.offload_activations = offload
     info = distributed.DistInfo(world_size=1 if parallelism == "none" else 2, parallelism=parallelism)
-    distributed.parallelize(model, info, torch.device(device), compile=True, micro_steps=micro_steps)
+    replays = distributed.replays_graphs(model, info, torch.device(device), True, micro_steps)
+    assert replays is graphs
+    distributed.parallelize(model, info, torch.device(device), compile=True, graphs=replays)
     assert modes == [("reduce-overhead" if graphs else None)] * (len(model.transformer.h) + 1)
 
 

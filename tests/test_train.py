@@ -58,9 +58,13 @@ def test_resume_continues_the_same_loss_curve(tiny_args, tmp_path):
 
 def test_fetching_the_next_batch_ahead_trains_on_the_same_batches(tiny_args, tmp_path, monkeypatch):
     """Each step fetches the next one's batch while the device works; the batches, evaluations
-    between steps included, are those of a loop that reads each batch when it needs it."""
+    between steps included, are those of a loop that reads each batch when it needs it. The
+    last step fetches nothing: no step would use it."""
     args = tiny_args + ["--max_iters", "5", "--eval_interval", "2", "--gradient_accumulation_steps", "2"]
+    fetched, fetch = [], Trainer.fetch_ahead
+    monkeypatch.setattr(Trainer, "fetch_ahead", lambda self: fetched.append(self.iter_num) or fetch(self))
     ahead = run(args)
+    assert fetched == [0, 1, 2, 3]
     monkeypatch.setattr(Trainer, "fetch_ahead", lambda self: None)
     assert run(args)["losses"] == pytest.approx(ahead["losses"], rel=1e-6)
 
