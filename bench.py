@@ -675,6 +675,9 @@ def read_reports(paths: str) -> tuple[dict, list[dict]]:
     row of an earlier one) and the last file's meta, with every source named."""
     merged, meta = {}, {}
     for path in paths.split(","):
+        if not Path(path).is_file():
+            raise ValueError(f"bench report {path} is missing; a bench run writes it as "
+                             "OUT_DIR/bench.json (--out_dir, out/bench by default)")
         data = read_json(path, required=("rows",))
         differ = [k for k in ("device", "torch_version", "steps", "repeat")
                   if meta and data.get(k) != meta.get(k)]

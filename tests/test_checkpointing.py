@@ -188,13 +188,17 @@ def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
 
 def test_the_trainer_tells_the_compile_plan_its_micro_steps(monkeypatch, data_dir):
     """Several micro-steps a step must reach distributed.cuda_graphs, which then leaves the
-    graphs out (a replay would overwrite the gradients kept between micro-steps)."""
+    graphs out (a replay would overwrite the gradients kept between micro-steps); the Trainer
+    compiles the blocks by the same decision it marks its steps by."""
     from neuromanifold_gpt import distributed
     from neuromanifold_gpt.config.cli import parse_args
     from neuromanifold_gpt.trainer import Trainer
 
-    seen = []
+    seen, handed = [], []
     monkeypatch.setattr(distributed, "cuda_graphs", lambda info, device, steps: not seen.append(steps))
+    parallelize = distributed.parallelize
+    monkeypatch.setattr(distributed, "parallelize", lambda model, info, device, compile, graphs: (
+        handed.append(graphs) or parallelize(model, info, device, compile, graphs)))
     cfg = parse_args(["--data_dir", str(data_dir), "--dataset", "tiny", "--n_layer", "2", "--n_head", "2",
                       "--n_embd", "32", "--batch_size", "2", "--block_size", "16", "--compile", "true",
                       "--gradient_checkpointing", "true", "--lean_loss", "true",
@@ -203,3 +207,4 @@ def test_the_trainer_tells_the_compile_plan_its_micro_steps(monkeypatch, data_di
     trainer.build()  # compile is lazy: nothing is traced here
     assert seen and set(seen) == {3}
     assert trainer.graphs  # what the trainer marks each step for is what the blocks compiled to
+    assert handed == [True]

@@ -246,6 +246,9 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
      "--profile, --snapshot or --only"),
     (["--plans", "budget", "--profile", "eager none"],
      "error: --profile runs bench rows; it does not go with --plans or --report"),
+    (["--report", "out/nowhere/bench.json"],
+     "error: bench report out/nowhere/bench.json is missing; a bench run writes it as "
+     "OUT_DIR/bench.json (--out_dir, out/bench by default)"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import bench
