@@ -23,8 +23,9 @@ recompute or offload. HF runs GPT2LMHeadModel eager, as its users do, with and w
 gradient_checkpointing_enable(). A lean-loss row's variants: (cce) or (liger) run the fused
 linear cross-entropy of cut-cross-entropy or of Liger in place of our lean loss, (cce filtered)
 the former with its default gradient filter, (per block) or (whole model) the compile unit the
-plan does not use by default, (no cuda graphs) a block-by-block compile whose kernels are
-launched one by one instead of replayed as CUDA graphs. --profile LABEL runs that row again
+plan does not use by default; (no cuda graphs), for block +lean and for the plain and block
+plans, whose whole model compiles, launches the compiled kernels one by one instead of
+replaying them as CUDA graphs. --profile LABEL runs that row again
 after the bench, under torch.profiler for --profile_steps steps, and writes where its step's
 time goes by kind of kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
@@ -141,7 +142,8 @@ def row_settings(fields: dict, compile: bool) -> dict:
 
 def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     """(label, TrainConfig overrides, variant): every plan the planner weighs, eager and
-    compiled, and the lean-loss plans under each variant."""
+    compiled, the lean-loss plans under each variant, and the plain and block plans without
+    CUDA graphs."""
     eager = [(f"eager {label}", row_settings(kw, False), None) for label, kw in PLANS
              if "activation_memory_budget" not in kw]
     if quick:
@@ -154,6 +156,9 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
             variants = [*LOSS_KERNELS, *COMPILE_VARIANTS[per_block]]
             compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
                          for variant in variants]
+        elif label in ("none", "block"):  # the whole model, compiled to CUDA graphs or not
+            compiled.append((f"compiled {label} (no cuda graphs)", row_settings(kw, True),
+                             "no cuda graphs"))
     return eager + compiled
 
 
@@ -675,10 +680,9 @@ def read_reports(paths: str) -> tuple[dict, list[dict]]:
     row of an earlier one) and the last file's meta, with every source named."""
     merged, meta = {}, {}
     for path in paths.split(","):
-        if not Path(path).is_file():
-            raise ValueError(f"bench report {path} is missing; a bench run writes it as "
-                             "OUT_DIR/bench.json (--out_dir, out/bench by default)")
-        data = read_json(path, required=("rows",))
+        data = read_json(path, required=("rows",), what="bench report",
+                         writer="bench.py, which writes it as OUT_DIR/bench.json (--out_dir, "
+                                "out/bench by default)")
         differ = [k for k in ("device", "torch_version", "steps", "repeat")
                   if meta and data.get(k) != meta.get(k)]
         if differ:

@@ -9,8 +9,8 @@ single process and nothing here wraps anything.
 
 `parallelize` applies the wrappers in torchtitan's order: activation checkpointing (already
 applied by build_model), then torch.compile (the whole model; each block and the loss alone
-under FSDP2, and with every block checkpointed and the lean loss, replayed as CUDA graphs in a
-single process on CUDA), then FSDP2 per block and on the root (or DDP around the whole
+under FSDP2 and with every block checkpointed and the lean loss; replayed as CUDA graphs where
+`replays_graphs` says so), then FSDP2 per block and on the root (or DDP around the whole
 model). The state-dict helpers give full, unsharded state dicts with the model's own parameter
 names, so a snapshot is the same file whatever wrote it."""
 
@@ -109,22 +109,25 @@ def compiles_per_block(config) -> bool:
 
 
 def cuda_graphs(info: DistInfo, device: torch.device, micro_steps: int) -> bool:
-    """Whether block-by-block compiled code replays as CUDA graphs (compile's "reduce-overhead"):
-    in a single process on CUDA, one micro-step a step. Launching each block's kernels one by
-    one from Python, twice per step with recompute, makes that step wait on the CPU, not the
-    GPU; a graph launches them at once. FSDP2's hooks gather parameters between the blocks,
-    which a graph cannot hold; and a graph's next replay would overwrite the gradients that a
-    micro-step leaves in its memory for the next one to add to."""
+    """Whether compiled code may replay as CUDA graphs (compile's "reduce-overhead"): in a single
+    process on CUDA, one micro-step a step. Launching the kernels one by one from Python (each
+    block's twice a step with recompute) makes a step wait on the CPU, not the GPU; a graph
+    launches them at once. FSDP2's hooks gather parameters between the blocks, which a graph
+    cannot hold; and a graph's next replay would overwrite the gradients that a micro-step
+    leaves in its memory for the next one to add to."""
     return device.type == "cuda" and info.parallelism == "none" and micro_steps == 1
 
 
-def replays_graphs(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
+def replays_graphs(config, info: DistInfo, device: torch.device, compile: bool,
                    micro_steps: int) -> bool:
-    """Whether parallelize compiles this model's blocks to CUDA graphs. Not with offloaded
-    activations: their copies to the host between the graphs took GPT-2 124M's checkpointed
-    step from 34.8 to 879.6 ms on the H200 (bench.py --repeat 3)."""
-    return (compile and compiles_per_block(model.config)
-            and not model.config.memory_levers.offload_activations
+    """Whether parallelize compiles the model (config: its ModelConfig) to CUDA graphs.
+    Not with offloaded activations: their copies to the host between the graphs took GPT-2
+    124M's checkpointed step from 34.8 to 879.6 ms on the H200 (bench.py --repeat 3). Not for a
+    whole-model compile with the lean loss, which compile leaves eager between the model's
+    graphs."""
+    levers = config.memory_levers
+    return (compile and not levers.offload_activations
+            and (compiles_per_block(config) or not levers.lean_loss)
             and cuda_graphs(info, device, micro_steps))
 
 
@@ -132,12 +135,12 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile:
                 graphs: bool) -> nn.Module:
     """Compile and wrap `model` (checkpointing already applied); returns the module to train
     through: the DDP wrapper, or the model itself (FSDP2 shards it in place). graphs: whether
-    the blocks compiled one by one replay as CUDA graphs (replays_graphs)."""
+    the compiled code replays as CUDA graphs (replays_graphs)."""
     blocks = model.transformer.h
+    mode = "reduce-overhead" if graphs else None
     if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
         # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
         # compile each block and the loss region alone, between those hooks (torchtitan's way)
-        mode = "reduce-overhead" if graphs else None
         for block in blocks:
             block.compile(mode=mode)
         model.loss = torch.compile(model.loss, mode=mode)
@@ -145,7 +148,7 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile:
         # One graph for the whole model, the plain loss inside it (no fp32 logits). On the H200
         # at GPT-2 124M, 12 x 1024, its step took 27.7 ms against 35.1 ms when each block and
         # the loss were compiled alone; it compiles in about 40 s instead of 10 (bench.py, README).
-        model.compile()
+        model.compile(mode=mode)
     if info.parallelism == "ddp":
         # gradients live in DDP's all-reduce buckets instead of beside them: no second copy
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -121,20 +121,21 @@ def write_tsv(path: str | Path, header: list[str], rows: list[tuple]) -> None:
             f.write("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
 
 
-def read_json(path: str | Path, required: tuple[str, ...] = ()) -> dict:
+def read_json(path: str | Path, required: tuple[str, ...] = (), what: str = "metrics file",
+              writer: str = "") -> dict:
+    """A JSON object from a file that a run of ours wrote; errors name the file as `what` and
+    say to run `writer` (by default the training that writes a metrics file)."""
     path = Path(path)
+    writer = writer or f"the training that writes it (dvc repro, or train.py --metrics_file {path})"
     if not path.is_file():
-        raise ValueError(f"metrics file {path} is missing; run the training that writes it "
-                         f"(dvc repro, or train.py --metrics_file {path})")
+        raise ValueError(f"{what} {path} is missing; run {writer}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"metrics file {path} is corrupt ({e}); delete it and re-run the "
-                         f"training that writes it") from None
+        raise ValueError(f"{what} {path} is corrupt ({e}); delete it and run {writer}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"metrics file {path} is corrupt (not a JSON object); re-run the training")
+        raise ValueError(f"{what} {path} is corrupt (not a JSON object); run {writer}")
     missing = [k for k in required if k not in data]
     if missing:
-        raise ValueError(f"metrics file {path} lacks {', '.join(missing)}; re-run the training "
-                         f"that writes it")
+        raise ValueError(f"{what} {path} lacks {', '.join(missing)}; run {writer}")
     return data

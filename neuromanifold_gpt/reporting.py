@@ -61,6 +61,8 @@ def startup_lines(trainer) -> list[str]:
     t = trainer
     lines = startup_report(t.cfg, t.model, t.device, t.dtype, t.batch_size, t.block_size,
                            t.layers) + t.setup.lines
+    if t.graphs:
+        lines.append("CUDA graphs: the compiled code replays as graphs (one launch each)")
     if t.dist.parallelism != "none":
         lines.append(f"distributed: {t.dist.parallelism.upper()} over {t.dist.world_size} "
                      f"rank(s), {t.cfg.gradient_accumulation_steps // t.dist.world_size} "
@@ -112,6 +114,7 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         if measured and t.device.type == "cuda" else None,
         "recommended_batch_size": t.setup.recommended,
         "compile": t.compile,
+        "cuda_graphs": t.graphs,
         "lean_loss": levers.lean_loss,
         "offload_activations": levers.offload_activations,
         "optimizer_in_backward": levers.optimizer_in_backward,

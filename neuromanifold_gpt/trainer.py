@@ -59,7 +59,7 @@ class Trainer:
         self.snapshot_path = snapshot_path(cfg.out_dir)
         self.apart = False  # ranks may be waiting in different collectives (no agreement then)
         self.model = self.wrapped = None
-        self.graphs = False  # whether the compiled blocks replay as CUDA graphs (build)
+        self.graphs = False  # whether the compiled code replays as CUDA graphs (build)
         self.ahead = None  # (the generator's state before it, the next training batch)
         # called with "forward", "backward" and "optimizer" as each phase of a step begins; a
         # hook on the model would be traced by compile and recompile it
@@ -74,7 +74,7 @@ class Trainer:
         self.layers = checkpointed_layers(self.model_config)
         if self.dist.world_size > 1:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, own dropout masks
-        self.graphs = distributed.replays_graphs(self.model, self.dist, self.device, self.compile,
+        self.graphs = distributed.replays_graphs(self.model_config, self.dist, self.device, self.compile,
                                                  cfg.gradient_accumulation_steps)
         # the module to train through (DDP wrapper, or self.model sharded in place by FSDP2);
         # DDP's constructor broadcasts the weights

@@ -157,17 +157,22 @@ def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
     assert hasattr(model.loss, "_torchdynamo_orig_callable") is per_block
 
 
-@pytest.mark.parametrize("device, parallelism, micro_steps, offload, graphs", [
-    ("cuda", "none", 1, False, True), ("cpu", "none", 1, False, False),
-    ("cuda", "none", 2, False, False), ("cuda", "ddp", 1, False, False),
-    ("cuda", "fsdp", 1, False, False), ("cuda", "none", 1, True, False)])
-def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
-        monkeypatch, device, parallelism, micro_steps, offload, graphs):
-    """CUDA graphs ("reduce-overhead") for the blocks and the loss region: in a single process
-    on CUDA with one micro-step a step; not under DDP or FSDP2, whose hooks and collectives sit
-    between the blocks, not with several micro-steps, whose gradients a replay would
-    overwrite, and not with activations offloaded to the host, whose copies between the graphs
-    made the step 25 times slower. Nothing runs here: compile's mode is what is asked for."""
+@pytest.mark.parametrize("policy, lean, device, parallelism, micro_steps, offload, graphs", [
+    ("block", True, "cuda", "none", 1, False, True), ("block", True, "cpu", "none", 1, False, False),
+    ("block", True, "cuda", "none", 2, False, False), ("block", True, "cuda", "ddp", 1, False, False),
+    ("block", True, "cuda", "fsdp", 1, False, False), ("block", True, "cuda", "none", 1, True, False),
+    ("block", False, "cuda", "none", 1, False, True), ("none", False, "cuda", "none", 1, False, True),
+    ("none", False, "cuda", "none", 2, False, False), ("none", False, "cuda", "ddp", 1, False, False),
+    ("none", True, "cuda", "none", 1, False, False)])
+def test_compiled_code_replays_cuda_graphs_only_where_they_are_safe(
+        monkeypatch, policy, lean, device, parallelism, micro_steps, offload, graphs):
+    """CUDA graphs ("reduce-overhead"), for the blocks and the loss region or for the whole
+    model: in a single process on CUDA with one micro-step a step; not under DDP or FSDP2,
+    whose hooks and collectives sit between the blocks, not with several micro-steps, whose
+    gradients a replay would overwrite, not with activations offloaded to the host, whose
+    copies between the graphs made the step 25 times slower, and not for a whole model whose
+    lean loss runs eager between its graphs. Nothing runs here: compile's mode is what is
+    asked for."""
     from neuromanifold_gpt import distributed
 
     modes = []
@@ -176,14 +181,15 @@ def test_block_by_block_compile_replays_cuda_graphs_only_where_they_are_safe(
     monkeypatch.setattr(distributed, "DDP", lambda model, **kw: model)
     monkeypatch.setattr(distributed, "init_device_mesh", lambda *a: None)
     monkeypatch.setattr(distributed, "fully_shard", lambda *a, **kw: None)
-    model = make(checkpoint_policy="block")
-    model.config.memory_levers.lean_loss = True
+    model = make(**(dict(checkpoint_policy=policy) if policy != "none" else {}))
+    model.config.memory_levers.lean_loss = lean
     model.config.memory_levers.offload_activations = offload
     info = distributed.DistInfo(world_size=1 if parallelism == "none" else 2, parallelism=parallelism)
-    replays = distributed.replays_graphs(model, info, torch.device(device), True, micro_steps)
+    replays = distributed.replays_graphs(model.config, info, torch.device(device), True, micro_steps)
     assert replays is graphs
     distributed.parallelize(model, info, torch.device(device), compile=True, graphs=replays)
-    assert modes == [("reduce-overhead" if graphs else None)] * (len(model.transformer.h) + 1)
+    units = len(model.transformer.h) + 1 if parallelism == "fsdp" or (policy == "block" and lean) else 1
+    assert modes == [("reduce-overhead" if graphs else None)] * units
 
 
 def test_the_trainer_tells_the_compile_plan_its_micro_steps(monkeypatch, data_dir):

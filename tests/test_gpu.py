@@ -57,20 +57,24 @@ def test_lean_loss_on_cuda_matches_fp64_within_bf16_rounding(shared_direction):
     assert _rel(lean[1], x.grad) < 1e-2 and _rel(lean[2], w.grad) < 1e-2
 
 
-def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir):
-    """Block checkpointing with the lean loss compiles block by block, and on CUDA replays each
-    block as a CUDA graph. With evaluations between steps (other graphs, replayed in between),
-    the losses and the evaluation are those of the same compiled kernels launched one by one.
-    With two micro-steps a step no graph is made: a replay would overwrite the gradients the
-    first micro-step left for the second to add to."""
+@pytest.mark.parametrize("plan", [
+    ("--gradient_checkpointing", "true", "--checkpoint_policy", "block", "--lean_loss", "true"),
+    ("--gradient_checkpointing", "true", "--checkpoint_policy", "block", "--lean_loss", "false"),
+    ("--gradient_checkpointing", "false", "--lean_loss", "false")],
+    ids=["blocks: block +lean", "whole model: block", "whole model: none"])
+def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir, plan):
+    """On CUDA the compiled code replays as CUDA graphs: each block and the loss region with
+    block checkpointing and the lean loss, else the whole model. With evaluations between
+    steps (other graphs, replayed in between), the losses and the evaluation are those of the
+    same compiled kernels launched one by one. With two micro-steps a step no graph is made: a
+    replay would overwrite the gradients the first micro-step left for the second to add to."""
     from unittest import mock
 
     from torch._inductor import cudagraph_trees
 
     from neuromanifold_gpt import distributed
 
-    flags = ("--compile", "true", "--gradient_checkpointing", "true", "--checkpoint_policy", "block",
-             "--lean_loss", "true", "--eval_interval", "2", "--dropout", "0.0")
+    flags = ("--compile", "true", *plan, "--eval_interval", "2", "--dropout", "0.0")
 
     def recorded(*extra):
         torch._dynamo.reset()
@@ -80,10 +84,11 @@ def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir):
 
     try:
         graphs, made = recorded()
-        assert made >= 2  # at least the blocks' forward and backward graphs
+        assert made >= 2  # at least the forward and backward graphs
+        assert graphs["cuda_graphs"] is True
         with mock.patch.object(distributed, "cuda_graphs", lambda *args: False):
             launched, none_made = recorded()
-        assert none_made == 0
+        assert none_made == 0 and launched["cuda_graphs"] is False
         assert graphs["losses"] == pytest.approx(launched["losses"], rel=1e-5)
         assert graphs["final_val_loss"] == pytest.approx(launched["final_val_loss"], rel=1e-5)
         accumulated, made = recorded("--gradient_accumulation_steps", "2")

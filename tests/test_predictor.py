@@ -247,7 +247,7 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
     (["--plans", "budget", "--profile", "eager none"],
      "error: --profile runs bench rows; it does not go with --plans or --report"),
     (["--report", "out/nowhere/bench.json"],
-     "error: bench report out/nowhere/bench.json is missing; a bench run writes it as "
+     "error: bench report out/nowhere/bench.json is missing; run bench.py, which writes it as "
      "OUT_DIR/bench.json (--out_dir, out/bench by default)"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
@@ -329,7 +329,8 @@ def test_bench_profile_sorts_the_device_time_by_kernel_kind(tmp_path):
 
 def test_bench_runs_each_lean_plan_under_the_compile_units_it_does_not_use():
     """`(whole model)` and `(no cuda graphs)` for block +lean, which compiles block by block with
-    CUDA graphs; `(per block)` for none +lean, which compiles the whole model."""
+    CUDA graphs; `(per block)` for none +lean, which compiles the whole model without them;
+    `(no cuda graphs)` for none and block, whose whole model replays as CUDA graphs."""
     import bench
     from neuromanifold_gpt import distributed
 
@@ -338,6 +339,8 @@ def test_bench_runs_each_lean_plan_under_the_compile_units_it_does_not_use():
     assert variants["compiled block +lean (no cuda graphs)"] == "no cuda graphs"
     assert variants["compiled none +lean (per block)"] == "per block"
     assert "compiled none +lean (no cuda graphs)" not in variants
+    assert variants["compiled none (no cuda graphs)"] == variants["compiled block (no cuda graphs)"] \
+        == "no cuda graphs"
     cuda = (distributed.DistInfo(), torch.device("cuda"), 1)
     assert distributed.cuda_graphs(*cuda)
     with bench.VARIANTS["no cuda graphs"]():
