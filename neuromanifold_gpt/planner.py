@@ -180,7 +180,7 @@ class Planner:
         then the smaller peak); a ValueError that says what would fit when none does."""
         costs = load_costs()
         scored = [(label, plan, ratio, self.predict(plan).peak_gb)
-                  for label, plan, ratio in self.plans(cfg, step_costs(costs["step_ratio"]))]
+                  for label, plan, ratio in self.plans(cfg, costs["step_ratio"])]
         fitting = [s for s in scored if s[3] <= BUDGET_MARGIN * budget_gb]
         B = self.predict(cfg).batch_size
         if not fitting:
@@ -252,17 +252,6 @@ def oom_advice(setup: Setup, batch_size: int) -> tuple[int, str]:
     if b:
         return b, f"--batch_size {b}{lever}"
     return 0, f"batch_size 1 does not fit either; {_lever_fix(setup.lever)}"
-
-
-def step_costs(measured: dict[str, float]) -> dict[str, float]:
-    """The step ratios a plan is chosen by. Recompute and offload only add work, so a plan
-    measured faster than the same loss without them (noise: one short run on a shared machine)
-    counts as fast as that one; the fastest is then 1."""
-    fields = dict(PLANS)
-    floored = {label: max(ratio, measured.get(NO_RECOMPUTE[fields[label]["lean_loss"]], 0.0))
-               for label, ratio in measured.items() if label in fields}
-    fastest = min(floored.values())
-    return {label: round(ratio / fastest, 3) for label, ratio in floored.items()}
 
 
 def load_costs(path: Path = COSTS_FILE) -> dict:
