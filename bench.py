@@ -22,13 +22,11 @@ no checkpointing, trained by a plain loop; the baseline is our fastest configura
 recompute or offload. HF runs GPT2LMHeadModel eager, as its users do, with and without
 gradient_checkpointing_enable(). A lean-loss row's variants: (cce) or (liger) run the fused
 linear cross-entropy of cut-cross-entropy or of Liger in place of our lean loss, (cce filtered)
-the former with its default gradient filter, (per block) or (whole model) the compile unit the
-plan does not use by default; (no cuda graphs), for block +lean and for the plain and block
-plans, whose whole model compiles, launches the compiled kernels one by one instead of
-replaying them as CUDA graphs; (python gc) leaves Python's garbage collector automatic during
-the steps (the training loop turns it off and collects between steps). --profile LABEL runs that row again
-after the bench, under torch.profiler for --profile_steps steps, and writes where its step's
-time goes by kind of kernel (OUT_DIR/profile_PRESET_LABEL.md).
+the former with its default gradient filter, (whole model) compiles the whole model instead of
+block by block; (no cuda graphs), for none +lean, block +lean and the plain and block plans,
+launches the compiled kernels one by one instead of replaying them as CUDA graphs.
+--profile LABEL runs that row again after the bench, under torch.profiler for --profile_steps
+steps, and writes where its step's time goes by kind of kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
 vs step time per preset, with the Pareto front).
 
@@ -61,7 +59,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
-from neuromanifold_gpt import build_model, distributed, trainer
+from neuromanifold_gpt import build_model, distributed
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.device import device_name
@@ -78,7 +76,7 @@ from neuromanifold_gpt.optim import make_optimizer
 from neuromanifold_gpt.params import _arg
 from neuromanifold_gpt.planner import COSTS_FILE, PLANS, use_expandable_segments
 from neuromanifold_gpt.plots import plot_bench
-from neuromanifold_gpt.trainer import Trainer, collect_young, train
+from neuromanifold_gpt.trainer import Trainer, train
 
 VOCAB = {"shakespeare_char": 65, "gpt2": 50257, "gpt2-medium": 50257}
 TIE = 0.03  # step times this close count as equally fast when choosing the baseline
@@ -125,16 +123,11 @@ def _loss_kernel(name: str):
 # kernels are not what the predictor models; the compile units keep its prediction.
 VARIANTS = {
     **{name: functools.partial(_loss_kernel, name) for name in LOSS_KERNELS},
-    # the compile unit a plan does not use by default (distributed.compiles_per_block)
-    "per block": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: True),
+    # a lean plan's whole model compiled, not block by block (distributed.compiles_per_block)
     "whole model": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: False),
     # block by block, each compiled block's kernels launched one by one instead of as a graph
     "no cuda graphs": lambda: mock.patch.object(distributed, "cuda_graphs", lambda *args: False),
-    # Python's garbage collector left automatic during the steps, as before the loop managed it
-    "python gc": lambda: mock.patch.object(trainer, "collect_between_steps", contextlib.nullcontext),
 }
-# the compile variants of a lean plan, by whether the plan compiles block by block
-COMPILE_VARIANTS = {True: ["whole model", "no cuda graphs"], False: ["per block"]}
 
 
 def row_settings(fields: dict, compile: bool) -> dict:
@@ -145,7 +138,8 @@ def row_settings(fields: dict, compile: bool) -> dict:
 
 def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     """(label, TrainConfig overrides, variant): every plan the planner weighs, eager and
-    compiled, the lean-loss plans under each variant, and the plain and block plans without
+    compiled; the lean plans, which compile block by block, also with the whole model compiled
+    (none +lean and block +lean under every variant), and the plain and block plans without
     CUDA graphs."""
     eager = [(f"eager {label}", row_settings(kw, False), None) for label, kw in PLANS
              if "activation_memory_budget" not in kw]
@@ -155,13 +149,15 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     for label, kw in PLANS:
         compiled.append((f"compiled {label}", row_settings(kw, True), None))
         if label in ("none +lean", "block +lean"):
-            per_block = distributed.compiles_per_block(TrainConfig.from_flags(**kw).model_config(65))
-            variants = [*LOSS_KERNELS, *COMPILE_VARIANTS[per_block], "python gc"]
-            compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
-                         for variant in variants]
+            variants = [*LOSS_KERNELS, "whole model", "no cuda graphs"]
+        elif kw["lean_loss"] and not ({"offload_activations", "optimizer_in_backward"} & set(kw)):
+            variants = ["whole model"]
         elif label in ("none", "block"):  # the whole model, compiled to CUDA graphs or not
-            compiled.append((f"compiled {label} (no cuda graphs)", row_settings(kw, True),
-                             "no cuda graphs"))
+            variants = ["no cuda graphs"]
+        else:
+            variants = []
+        compiled += [(f"compiled {label} ({variant})", row_settings(kw, True), variant)
+                     for variant in variants]
     return eager + compiled
 
 
@@ -300,20 +296,18 @@ def timed_steps(step, steps: int, tokens: int, device: torch.device, callbacks: 
     The callbacks are called as the Trainer calls them."""
     monitor = MemoryMonitorCallback(device)  # the Trainer's peak over the steps after warm-up
     times = []
-    with trainer.collect_between_steps():
-        try:
-            for i in range(steps + 1):
-                t0 = time.perf_counter()
-                collect_young(i)
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i:  # the first step is warm-up, as in the Trainer
-                    times.append(time.perf_counter() - t0)
-                for cb in [monitor, *callbacks]:
-                    (cb.on_step_end(i) if i else cb.on_warmup_end())
-        except torch.cuda.OutOfMemoryError as e:
-            return dict(oom=True, error=str(e).splitlines()[0])
+    try:
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first step is warm-up, as in the Trainer
+                times.append(time.perf_counter() - t0)
+            for cb in [monitor, *callbacks]:
+                (cb.on_step_end(i) if i else cb.on_warmup_end())
+    except torch.cuda.OutOfMemoryError as e:
+        return dict(oom=True, error=str(e).splitlines()[0])
     median = statistics.median(times)
     return dict(oom=False, peak_allocated_gb=monitor.peak_gb, peak_reserved_gb=monitor.peak_reserved_gb,
                 step_ms=median * 1000, tokens_per_s=tokens / median, predicted_gb=None,

@@ -9,10 +9,10 @@ single process and nothing here wraps anything.
 
 `parallelize` applies the wrappers in torchtitan's order: activation checkpointing (already
 applied by build_model), then torch.compile (the whole model; each block and the loss alone
-under FSDP2 and with every block checkpointed and the lean loss; replayed as CUDA graphs where
-`replays_graphs` says so), then FSDP2 per block and on the root (or DDP around the whole
-model). The state-dict helpers give full, unsharded state dicts with the model's own parameter
-names, so a snapshot is the same file whatever wrote it."""
+under FSDP2 and with the lean loss; replayed as CUDA graphs where `replays_graphs` says so),
+then FSDP2 per block and on the root (or DDP around the whole model). The state-dict helpers
+give full, unsharded state dicts with the model's own parameter names, so a snapshot is the
+same file whatever wrote it."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -99,13 +98,14 @@ def close() -> None:
 
 
 def compiles_per_block(config) -> bool:
-    """Whether a single process compiles this model block by block (FSDP2 always does): with
-    every block checkpointed and the lean loss. On the H200 at GPT-2 124M, 12 x 1024 (bench.py
-    --repeat 3) that peaked at 2.41 GiB against 2.55 GiB with the whole model compiled, and
-    stepped in 36.2 against 40.4 ms (README, "Results")."""
-    return (config.activation_checkpoint.checkpoint_policy == "block"
-            and checkpointed_layers(config) == list(range(config.n_layer))
-            and bool(config.memory_levers.lean_loss))
+    """Whether a single process compiles this model block by block (FSDP2 always does): with the
+    lean loss, which runs eager after the blocks either way; then the blocks replay as CUDA
+    graphs, which a whole model cannot around an eager loss. On an H100 at GPT-2 124M, 12 x 1024
+    (bench.py --repeat 3), without checkpointing that peaked at 5.64 GiB against 5.89 with the
+    whole model compiled, at the same step (33.2 against 33.3 ms); with every block
+    checkpointed, on the H200, 2.41 against 2.55 GiB and 36.2 against 40.4 ms (README,
+    "Results"). Without the lean loss the whole model compiles, the plain loss inside it."""
+    return bool(config.memory_levers.lean_loss)
 
 
 def cuda_graphs(info: DistInfo, device: torch.device, micro_steps: int) -> bool:
@@ -122,12 +122,9 @@ def replays_graphs(config, info: DistInfo, device: torch.device, compile: bool,
                    micro_steps: int) -> bool:
     """Whether parallelize compiles the model (config: its ModelConfig) to CUDA graphs.
     Not with offloaded activations: their copies to the host between the graphs took GPT-2
-    124M's checkpointed step from 34.8 to 879.6 ms on the H200 (bench.py --repeat 3). Not for a
-    whole-model compile with the lean loss, which compile leaves eager between the model's
-    graphs."""
-    levers = config.memory_levers
-    return (compile and not levers.offload_activations
-            and (compiles_per_block(config) or not levers.lean_loss)
+    124M's checkpointed step from 34.8 to 879.6 ms on the H200 at commit a733c92 (bench.py
+    --repeat 3)."""
+    return (compile and not config.memory_levers.offload_activations
             and cuda_graphs(info, device, micro_steps))
 
 

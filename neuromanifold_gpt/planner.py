@@ -103,10 +103,9 @@ def resolve_auto(cfg: TrainConfig, vocab_size: int, device_type: str) -> TrainCo
     compile = cfg.compile if cfg.compile is not None else (
         cuda and n_params(cfg, vocab_size) >= COMPILE_MIN_PARAMS)
     # The lean loss is on where the logits are the largest activation: on CUDA, at a vocabulary
-    # of LEAN_MIN_VOCAB or more. At GPT-2 124M, 12 x 1024, without checkpointing it peaked at
-    # 5.89 against 6.74 GiB, in 45.5 against 28.6 ms a step on an H100 (its chunks run eager,
-    # between compiled graphs); with block checkpointing it raised the H200's recommended batch
-    # from 939 to 1802 sequences of 1024, both of which ran (bench.py, README "Results");
+    # of LEAN_MIN_VOCAB or more. It trades step time for memory (plan_costs.json holds each
+    # plan's step on the GPU it names, README "Results" the peaks); with block checkpointing it
+    # raised the H200's recommended batch from 939 to 1802 sequences of 1024, both of which ran;
     # --lean_loss false trades that memory back for speed.
     lean = cfg.memory_levers.lean_loss
     if lean is None:

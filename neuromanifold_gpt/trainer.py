@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import math
 import time
 from pathlib import Path
@@ -26,31 +25,6 @@ from .optim import lr_at, make_optimizer
 from .predictor import device_memory_gb
 from .snapshot import load_snapshot, save_snapshot, snapshot_path
 from .timeline import StepTimelineCallback, write_timeline
-
-# Python's cyclic garbage collector, left automatic, stops the host mid-step whenever enough
-# objects were allocated, and each pass walks the objects compile keeps; a step that launches
-# its kernels from Python (an eager loss, no CUDA graphs) then waits on it. The loop turns it off
-# and collects the young objects every GC_EVERY steps instead, as torchtitan does.
-GC_EVERY = 50
-
-
-def collect_young(step: int) -> None:
-    if step % GC_EVERY == 0:
-        gc.collect(1)
-
-
-@contextlib.contextmanager
-def collect_between_steps():
-    """Automatic garbage collection off for the body (restored after it); the loop in it calls
-    collect_young before each step."""
-    was_on = gc.isenabled()
-    gc.collect(1)
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 class RanksOutOfMemory(RuntimeError):
@@ -183,7 +157,6 @@ class Trainer:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns this
         rank's loss."""
         cfg = self.cfg
-        collect_young(self.iter_num)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.iter_num, cfg)
         total = 0.0
@@ -240,40 +213,39 @@ class Trainer:
         step_times, losses, evals = [], [], {}
         start_iter, first = self.iter_num, True
         self.model.train()
-        with collect_between_steps():
-            while True:
-                at_end = self.iter_num >= cfg.max_iters
-                if at_end or (self.iter_num > start_iter and self.iter_num % cfg.eval_interval == 0):
-                    evals = self.estimate_loss()
-                    bad = [v for v in evals.values() if not math.isfinite(v)]
-                    if bad:
-                        raise NonFiniteLoss(self.nonfinite_message("evaluation", bad[0]))
-                    self.log(f"step {self.iter_num}: train loss {evals['train']:.4f}, "
-                             f"val loss {evals['val']:.4f}")
-                    if cfg.save_snapshot:
-                        self.drop_ahead()
-                        save_snapshot(self.snapshot_path, self.model, self.optimizer,
-                                      self.loader.generator, self.iter_num, cfg.to_dict(), self.device,
-                                      self.dist)
-                if at_end:
-                    break
-                local_loss, dt = self.agreed(functools.partial(self.step, first))
-                loss = distributed.mean_over_ranks(local_loss)  # the loss of the global batch
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(self.nonfinite_message("training", loss))
-                losses.append((self.iter_num, loss))
-                if not first:
-                    step_times.append(dt)
-                first = False
-                if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters - 1:
-                    record = {"iter": self.iter_num, "loss": loss, "time_ms": dt * 1000,
-                              "tokens_per_sec": tokens_per_iter / dt}
-                    if peak_flops:
-                        record["mfu"] = flops_per_iter / dt / peak_flops
-                    for cb in self.callbacks:
-                        getattr(cb, "on_log", lambda r: None)(record)
-                    self.log(reporting.format_log_line(record))
-                self.iter_num += 1
+        while True:
+            at_end = self.iter_num >= cfg.max_iters
+            if at_end or (self.iter_num > start_iter and self.iter_num % cfg.eval_interval == 0):
+                evals = self.estimate_loss()
+                bad = [v for v in evals.values() if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteLoss(self.nonfinite_message("evaluation", bad[0]))
+                self.log(f"step {self.iter_num}: train loss {evals['train']:.4f}, "
+                         f"val loss {evals['val']:.4f}")
+                if cfg.save_snapshot:
+                    self.drop_ahead()
+                    save_snapshot(self.snapshot_path, self.model, self.optimizer,
+                                  self.loader.generator, self.iter_num, cfg.to_dict(), self.device,
+                                  self.dist)
+            if at_end:
+                break
+            local_loss, dt = self.agreed(functools.partial(self.step, first))
+            loss = distributed.mean_over_ranks(local_loss)  # the loss of the global batch
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(self.nonfinite_message("training", loss))
+            losses.append((self.iter_num, loss))
+            if not first:
+                step_times.append(dt)
+            first = False
+            if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters - 1:
+                record = {"iter": self.iter_num, "loss": loss, "time_ms": dt * 1000,
+                          "tokens_per_sec": tokens_per_iter / dt}
+                if peak_flops:
+                    record["mfu"] = flops_per_iter / dt / peak_flops
+                for cb in self.callbacks:
+                    getattr(cb, "on_log", lambda r: None)(record)
+                self.log(reporting.format_log_line(record))
+            self.iter_num += 1
         for cb in self.callbacks:  # after the measured steps and the last evaluation
             getattr(cb, "on_train_end", lambda t: None)(self)
         return reporting.run_metrics(self, step_times, losses, evals, tokens_per_iter, peak_flops)

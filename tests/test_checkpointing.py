@@ -140,11 +140,12 @@ def test_state_dict_unchanged_and_no_double_apply():
 
 @pytest.mark.parametrize("ckpt, lean, per_block", [
     (dict(checkpoint_policy="block"), True, True), (dict(checkpoint_policy="block"), False, False),
-    (dict(checkpoint_policy="block", checkpoint_every=2), True, False),
-    (dict(checkpoint_policy="mlp"), True, False), ({}, True, False)])
+    (dict(checkpoint_policy="block", checkpoint_every=2), True, True),
+    (dict(checkpoint_policy="mlp"), True, True), ({}, True, True), ({}, False, False)])
 def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
-    """A single process compiles block by block with every block checkpointed and the lean
-    loss, the whole model otherwise (compile is lazy: nothing is traced here)."""
+    """A single process compiles block by block with the lean loss, which runs eager after the
+    blocks, and the whole model, the plain loss inside it, otherwise (compile is lazy: nothing
+    is traced here)."""
     from neuromanifold_gpt import distributed
 
     model = make(**ckpt)
@@ -163,16 +164,16 @@ def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
     ("block", True, "cuda", "fsdp", 1, False, False), ("block", True, "cuda", "none", 1, True, False),
     ("block", False, "cuda", "none", 1, False, True), ("none", False, "cuda", "none", 1, False, True),
     ("none", False, "cuda", "none", 2, False, False), ("none", False, "cuda", "ddp", 1, False, False),
-    ("none", True, "cuda", "none", 1, False, False)])
+    ("none", True, "cuda", "none", 1, False, True), ("mlp", True, "cuda", "none", 1, False, True),
+    ("none", True, "cuda", "none", 1, True, False)])
 def test_compiled_code_replays_cuda_graphs_only_where_they_are_safe(
         monkeypatch, policy, lean, device, parallelism, micro_steps, offload, graphs):
     """CUDA graphs ("reduce-overhead"), for the blocks and the loss region or for the whole
     model: in a single process on CUDA with one micro-step a step; not under DDP or FSDP2,
     whose hooks and collectives sit between the blocks, not with several micro-steps, whose
     gradients a replay would overwrite, not with activations offloaded to the host, whose
-    copies between the graphs made the step 25 times slower, and not for a whole model whose
-    lean loss runs eager between its graphs. Nothing runs here: compile's mode is what is
-    asked for."""
+    copies between the graphs made the step 25 times slower. Nothing runs here: compile's
+    mode is what is asked for."""
     from neuromanifold_gpt import distributed
 
     modes = []
@@ -188,7 +189,7 @@ def test_compiled_code_replays_cuda_graphs_only_where_they_are_safe(
     replays = distributed.replays_graphs(model.config, info, torch.device(device), True, micro_steps)
     assert replays is graphs
     distributed.parallelize(model, info, torch.device(device), compile=True, graphs=replays)
-    units = len(model.transformer.h) + 1 if parallelism == "fsdp" or (policy == "block" and lean) else 1
+    units = len(model.transformer.h) + 1 if parallelism == "fsdp" or lean else 1
     assert modes == [("reduce-overhead" if graphs else None)] * units
 
 

@@ -328,19 +328,19 @@ def test_bench_profile_sorts_the_device_time_by_kernel_kind(tmp_path):
 
 
 def test_bench_runs_each_lean_plan_under_the_compile_units_it_does_not_use():
-    """`(whole model)` and `(no cuda graphs)` for block +lean, which compiles block by block with
-    CUDA graphs; `(per block)` for none +lean, which compiles the whole model without them;
-    `(no cuda graphs)` for none and block, whose whole model replays as CUDA graphs."""
+    """`(whole model)` for every lean plan that keeps its activations on the device and steps
+    after backward, which compile block by block with CUDA graphs; `(no cuda graphs)` for none
+    +lean and block +lean, and for none and block, whose whole model replays as CUDA graphs."""
     import bench
     from neuromanifold_gpt import distributed
 
     variants = {label: variant for label, _, variant in bench.our_rows(quick=False)}
-    assert variants["compiled block +lean (whole model)"] == "whole model"
-    assert variants["compiled block +lean (no cuda graphs)"] == "no cuda graphs"
-    assert variants["compiled none +lean (per block)"] == "per block"
-    assert "compiled none +lean (no cuda graphs)" not in variants
-    assert variants["compiled none (no cuda graphs)"] == variants["compiled block (no cuda graphs)"] \
-        == "no cuda graphs"
+    for plan in ("none +lean", "attention +lean", "mlp +lean", "selective +lean", "block +lean",
+                 "block/2 +lean", "none +lean budget 0.5"):
+        assert variants[f"compiled {plan} (whole model)"] == "whole model"
+    assert not [label for label in variants if "offload" in label and "(" in label]
+    for plan in ("none +lean", "block +lean", "none", "block"):
+        assert variants[f"compiled {plan} (no cuda graphs)"] == "no cuda graphs"
     cuda = (distributed.DistInfo(), torch.device("cuda"), 1)
     assert distributed.cuda_graphs(*cuda)
     with bench.VARIANTS["no cuda graphs"]():

@@ -1,6 +1,5 @@
 """The training loop: metrics, unchanged training under checkpointing, resume, measured memory."""
 
-import gc
 import json
 import subprocess
 import sys
@@ -8,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from neuromanifold_gpt import trainer
 from neuromanifold_gpt.config.cli import parse_args
 from neuromanifold_gpt.trainer import Trainer, train
 from tests.conftest import ROOT
@@ -46,31 +44,6 @@ def test_checkpointing_does_not_change_training(tiny_args):
         assert ck["policy"] == policy and ck["checkpointed_blocks"] == 2
         assert ck["losses"] == pytest.approx(base["losses"], rel=1e-5)
         assert ck["final_val_loss"] == pytest.approx(base["final_val_loss"], rel=1e-5)
-
-
-def test_garbage_is_collected_between_steps_not_during_them(tiny_args, monkeypatch):
-    """Python's automatic collector is off while the loop runs (a pass mid-step stalls the
-    host); the loop collects the young objects every GC_EVERY steps and turns it back on."""
-    monkeypatch.setattr(trainer, "GC_EVERY", 2)
-    enabled_at_steps, collections = [], []
-
-    class Probe:
-        def on_step_end(self, iter_num):
-            enabled_at_steps.append(gc.isenabled())
-
-    def record(phase, info):
-        if phase == "start":
-            collections.append((info["generation"], gc.isenabled()))
-
-    gc.callbacks.append(record)
-    try:
-        train(parse_args(tiny_args + ["--max_iters", "6"]), callbacks=[Probe()], quiet=True)
-    finally:
-        gc.callbacks.remove(record)
-    assert len(enabled_at_steps) == 5 and not any(enabled_at_steps)
-    assert gc.isenabled()
-    # with automatic collection off, only the loop's own: before steps 0, 2 and 4
-    assert [gen for gen, on in collections if not on] == [1, 1, 1]
 
 
 def test_resume_continues_the_same_loss_curve(tiny_args, tmp_path):
