@@ -23,8 +23,9 @@ recompute or offload. HF runs GPT2LMHeadModel eager, as its users do, with and w
 gradient_checkpointing_enable(). A lean-loss row's variants: (cce) or (liger) run the fused
 linear cross-entropy of cut-cross-entropy or of Liger in place of our lean loss, (cce filtered)
 the former with its default gradient filter, (whole model) compiles the whole model instead of
-block by block; (no cuda graphs), for none +lean, block +lean and the plain and block plans,
-launches the compiled kernels one by one instead of replaying them as CUDA graphs.
+block by block (replayed as CUDA graphs on either side of the eager loss); (no cuda graphs), for
+none +lean, block +lean and the plain and block plans, launches the compiled kernels one by one
+instead of replaying them as CUDA graphs.
 --profile LABEL runs that row again after the bench, under torch.profiler for --profile_steps
 steps, and writes where its step's time goes by kind of kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
@@ -123,9 +124,10 @@ def _loss_kernel(name: str):
 # kernels are not what the predictor models; the compile units keep its prediction.
 VARIANTS = {
     **{name: functools.partial(_loss_kernel, name) for name in LOSS_KERNELS},
-    # a lean plan's whole model compiled, not block by block (distributed.compiles_per_block)
+    # a lean plan's whole model compiled, not block by block (distributed.compiles_per_block),
+    # replayed as CUDA graphs on either side of the eager loss where the blocks would be
     "whole model": lambda: mock.patch.object(distributed, "compiles_per_block", lambda config: False),
-    # block by block, each compiled block's kernels launched one by one instead of as a graph
+    # the compiled code's kernels launched one by one instead of replayed as CUDA graphs
     "no cuda graphs": lambda: mock.patch.object(distributed, "cuda_graphs", lambda *args: False),
 }
 
@@ -139,8 +141,8 @@ def row_settings(fields: dict, compile: bool) -> dict:
 def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     """(label, TrainConfig overrides, variant): every plan the planner weighs, eager and
     compiled; the lean plans, which compile block by block, also with the whole model compiled
-    (none +lean and block +lean under every variant), and the plain and block plans without
-    CUDA graphs."""
+    (but for the plans that offload or step in backward; none +lean and block +lean under every
+    variant), and the plain and block plans without CUDA graphs."""
     eager = [(f"eager {label}", row_settings(kw, False), None) for label, kw in PLANS
              if "activation_memory_budget" not in kw]
     if quick:
