@@ -65,10 +65,10 @@ def test_lean_loss_on_cuda_matches_fp64_within_bf16_rounding(shared_direction):
     ids=["blocks: block +lean", "whole model: block", "whole model: none", "blocks: none +lean"])
 def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir, plan):
     """On CUDA the compiled code replays as CUDA graphs: each block and the loss region with the
-    lean loss, else the whole model. With evaluations between
-    steps (other graphs, replayed in between), the losses and the evaluation are those of the
-    same compiled kernels launched one by one. With two micro-steps a step no graph is made: a
-    replay would overwrite the gradients the first micro-step left for the second to add to."""
+    lean loss, else the whole model. With evaluations between steps (other graphs, replayed in
+    between), the losses and the evaluation are those of the same compiled kernels launched one
+    by one. With two micro-steps a step no graph is made: a replay would overwrite the gradients
+    the first micro-step left for the second to add to."""
     from unittest import mock
 
     from torch._inductor import cudagraph_trees
