@@ -60,7 +60,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
-from neuromanifold_gpt import build_model, distributed
+from neuromanifold_gpt import build_model, distributed, predictor
+from neuromanifold_gpt import loss as lean_loss
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.device import device_name
@@ -130,6 +131,24 @@ VARIANTS = {
     # the compiled code's kernels launched one by one instead of replayed as CUDA graphs
     "no cuda graphs": lambda: mock.patch.object(distributed, "cuda_graphs", lambda *args: False),
 }
+
+
+CHUNK_VARIANT = " tokens a chunk"  # "512 tokens a chunk": the lean loss at that chunk size
+
+
+@contextlib.contextmanager
+def _chunk_tokens(tokens: int):
+    """Our lean loss, and its prediction, at `tokens` a chunk instead of CHUNK_BYTES's."""
+    fixed = lambda n_tokens, vocab_size, chunk_bytes=None: min(tokens, n_tokens)  # noqa: E731
+    with mock.patch.object(lean_loss, "chunk_tokens", fixed), \
+            mock.patch.object(predictor, "chunk_tokens", fixed):
+        yield
+
+
+def variant_context(variant: str):
+    if variant.endswith(CHUNK_VARIANT):
+        return _chunk_tokens(int(variant.removesuffix(CHUNK_VARIANT)))
+    return VARIANTS[variant]()
 
 
 def row_settings(fields: dict, compile: bool) -> dict:
@@ -282,7 +301,7 @@ def run_ours(preset: str, overrides: dict, variant: str | None, data_dir: str, s
     # no row reports a loss)
     no_eval = mock.patch.object(Trainer, "estimate_loss", lambda self: dict(train=0.0, val=0.0))
     try:
-        with VARIANTS[variant]() if variant else contextlib.nullcontext(), no_eval:
+        with variant_context(variant) if variant else contextlib.nullcontext(), no_eval:
             m = train(cfg, callbacks=callbacks, quiet=True)
     except TrainingOOM as e:
         return dict(oom=True, error=str(e))
@@ -572,7 +591,8 @@ def main(argv=None) -> int:
                         help="time the lean loss against the libraries' fused kernels alone, "
                              "and check each one's loss and gradients against fp64")
     parser.add_argument("--loss_chunks", default="", metavar="N[,N...]",
-                        help="with --loss_kernels: also our lean loss with N tokens a chunk")
+                        help="also our lean loss with N tokens a chunk: alone with "
+                             "--loss_kernels, else every lean row --only selects")
     parser.add_argument("--plans", default="", metavar="batch,budget",
                         help="check the planner instead: these tables (see above)")
     parser.add_argument("--batch_presets", default="shakespeare_char,gpt2,gpt2-medium")
@@ -586,8 +606,11 @@ def main(argv=None) -> int:
     except ValueError:
         raise ValueError(f"--loss_chunks {args.loss_chunks!r}: expected token counts, "
                          "comma-separated") from None
-    if any(c < 1 for c in args.loss_chunks) or (args.loss_chunks and not args.loss_kernels):
-        raise ValueError("--loss_chunks takes token counts of at least 1, with --loss_kernels")
+    if any(c < 1 for c in args.loss_chunks):
+        raise ValueError("--loss_chunks takes token counts of at least 1")
+    if args.loss_chunks and (args.plans or args.report):
+        raise ValueError("--loss_chunks adds rows of the losses or of the lean plans; it does "
+                         "not go with --plans or --report")
     if args.steps < 1 or args.repeat < 1 or args.profile_steps < 1:
         raise ValueError("--steps, --repeat and --profile_steps must be at least 1")
     if args.loss_kernels and (args.plans or args.report or args.profile or args.snapshot or args.only):
@@ -705,7 +728,11 @@ def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
     jobs += [("whole", REFERENCE, dict(PLANS)["none"], None)] if preset != "tiny" else []
     jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
     parts = args.only.split(",")  # "" (every row) is in every label
-    return [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
+    jobs = [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
+    # --loss_chunks: each selected lean row also at those chunk sizes
+    return jobs + [(impl, f"{label} ({c}{CHUNK_VARIANT})", kw, f"{c}{CHUNK_VARIANT}")
+                   for c in args.loss_chunks for impl, label, kw, variant in jobs
+                   if impl == "ours" and kw["lean_loss"] and variant is None]
 
 
 def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:

@@ -44,7 +44,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: t
     logits: (c, V) in the compute dtype; targets: (c,) (ignored ones already set to 0);
     weights: (c,) in fp32 or wider, 1/n_valid for counted tokens and 0 for ignored ones.
     fused: the gradient as one element-wise expression (the one-hot a comparison), which
-    compile turns into a single pass from the logits to the gradient in the compute dtype;
+    compile turns into a single pass that writes it over the logits, in the compute dtype;
     otherwise it is built in place in one fp32 copy of the logits (eager)."""
     z = logits.to(weights.dtype)  # (c, V)
     lse = torch.logsumexp(z, dim=-1)  # (c,)
@@ -54,17 +54,18 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: t
     if fused:
         one_hot = torch.arange(z.size(1), device=z.device) == targets[:, None]
         grad = ((z - lse[:, None]).exp() - one_hot.to(z.dtype)) * weights[:, None]
-    else:  # in place: the chunk costs one fp32 copy of its logits, not four
-        grad = z.sub_(lse[:, None]).exp_()
-        grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
-        grad.mul_(weights[:, None])
+        return loss_sum, logits.copy_(grad)  # the chunk holds one buffer, not two
+    # in place: the chunk costs one fp32 copy of its logits, not four
+    grad = z.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    grad.mul_(weights[:, None])
     return loss_sum, grad.to(logits.dtype)
 
 
 # On CUDA the chunk's arithmetic runs as two compiled kernels (a reduction for the logsumexp and
-# one pass that writes the gradient in the compute dtype): no fp32 copy of the chunk's logits,
-# which a scatter into it would need, and a fraction of the eager operations' memory traffic.
-# The CPU runs it eagerly, in place.
+# one pass that writes the gradient over the logits in the compute dtype): no fp32 copy of the
+# chunk's logits, which a scatter into it would need, and a fraction of the eager operations'
+# memory traffic. The CPU runs it eagerly, in place.
 _compiled_chunk_loss_and_grad = torch.compile(functools.partial(_chunk_loss_and_grad, fused=True),
                                               dynamic=False)
 
@@ -104,12 +105,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_loss_and_grad = _compiled_chunk_loss_and_grad if x.is_cuda else _chunk_loss_and_grad
         for s in range(0, x.size(0), chunk):
             xc = x[s: s + chunk].to(dtype)  # (c, C)
-            logits = xc @ w.t()  # (c, V)
-            part, g = chunk_loss_and_grad(logits, safe_targets[s: s + chunk], weights[s: s + chunk])
-            del logits
+            # g: the chunk's (c, V) logits, then (on CUDA, in the same buffer) their gradient
+            part, g = chunk_loss_and_grad(xc @ w.t(), safe_targets[s: s + chunk], weights[s: s + chunk])
             loss += part
             if need_grad:
                 _add_chunk_grads(g, w, xc, grad_x[s: s + chunk], grad_w)
+            del g  # freed before the next chunk's logits exist
         # Kept as ctx attributes, not save_for_backward: they are results, not inputs, and
         # must stay on the device even when saved activations are offloaded to the host.
         ctx.grad_x = grad_x

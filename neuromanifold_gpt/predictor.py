@@ -159,13 +159,13 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
     # those; compiled, it keeps the logits in the compute dtype, and its backward writes their
     # gradient over them (measured on the H200: 1.0 x aNV, not 2). The lean loss holds one
     # chunk's logits and the two gradients it computed. On CUDA its compiled chunk arithmetic
-    # writes the logits' gradient beside them, and cuBLAS adds the head's gradient in place; on
+    # writes the logits' gradient over them, and cuBLAS adds the head's gradient in place; on
     # the CPU the eager chunk holds an fp32 copy, and the head's product exists before its sum.
     w_copy = 0 if a == FP32 else a * V * C  # the head's cast, saved for its backward
     if mc.memory_levers.lean_loss:
         c = chunk_tokens(N, V)
         if device_type == "cuda":
-            chunk_work = 2 * a * c * V
+            chunk_work = a * c * V
         else:
             chunk_work = max((a + 8) * c * V, a * c * V + a * V * C)
         loss_fwd = w_copy + head_grad + f * NC + chunk_work

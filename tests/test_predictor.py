@@ -2,6 +2,7 @@
 the startup report, the metrics, and the out-of-memory exit."""
 
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -177,6 +178,20 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
 
 
+def test_bench_runs_the_lean_rows_at_the_chunk_sizes_asked_for(tmp_path):
+    import bench
+    from neuromanifold_gpt import loss
+
+    with mock.patch.object(loss, "_add_chunk_grads", wraps=loss._add_chunk_grads) as chunks:
+        assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path), "--only",
+                           "eager none,eager none +lean", "--exact", "--loss_chunks", "8"]) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert list(rows) == ["eager none", "eager none +lean", "eager none +lean (8 tokens a chunk)"]
+    # 2 x 32 tokens, two steps a row (warm-up and timed): one chunk a step, then eight
+    assert chunks.call_count == 2 * 1 + 2 * 8
+    assert rows["eager none +lean (8 tokens a chunk)"]["variant"] == "8 tokens a chunk"
+
+
 def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_reports(tmp_path):
     """--against takes several bench.json files (one per process of a split bench): a row of a
     later file replaces the same row of an earlier one."""
@@ -237,8 +252,10 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
      "e.g. 'eager none'"),
     (["--quick", "--profile", "eager none", "--profile_steps", "0"],
      "error: --steps, --repeat and --profile_steps must be at least 1"),
-    (["--quick", "--loss_chunks", "64"],
-     "error: --loss_chunks takes token counts of at least 1, with --loss_kernels"),
+    (["--quick", "--loss_chunks", "64,0"], "error: --loss_chunks takes token counts of at least 1"),
+    (["--plans", "budget", "--loss_chunks", "64"],
+     "error: --loss_chunks adds rows of the losses or of the lean plans; it does not go with "
+     "--plans or --report"),
     (["--loss_kernels", "--quick", "--loss_chunks", "64,many"],
      "error: --loss_chunks '64,many': expected token counts, comma-separated"),
     (["--loss_kernels", "--quick", "--plans", "budget"],
