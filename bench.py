@@ -747,9 +747,12 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
     r = next(iter(steps.values()))
     sources = len(meta.get("sources", [])) or 1
     merged = f", {sources} reports merged (one process each)" if sources > 1 else ""
+    # a run cut short leaves some rows with fewer runs than --repeat asked for
+    runs = sorted({len(r.get("step_ms_runs", [r["step_ms"]])) for r in steps.values()})
+    counted = f"{runs[0]}-{runs[-1]}" if len(runs) > 1 else f"{runs[0]}"
     return {"hardware": f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
                         f"{preset} at {r['batch_size']} x {r['block_size']}, bench.py --steps "
-                        f"{meta['steps']} --repeat {meta.get('repeat', 1)}{merged}",
+                        f"{meta['steps']}, the median of {counted} interleaved runs a row{merged}",
             "step_ratio": {label: round(r["step_ms"] / fastest, 3) for label, r in steps.items()}}
 
 

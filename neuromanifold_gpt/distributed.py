@@ -99,12 +99,10 @@ def close() -> None:
 
 def compiles_per_block(config) -> bool:
     """Whether a single process compiles this model block by block (FSDP2 always does): with the
-    lean loss, which runs eager after the blocks either way; then the blocks replay as CUDA
-    graphs, which a whole model cannot around an eager loss. On an H100 at GPT-2 124M, 12 x 1024
-    (bench.py --repeat 3), without checkpointing that peaked at 5.64 GiB against 5.89 with the
-    whole model compiled, at the same step (33.2 against 33.3 ms); with every block
-    checkpointed, on the H200, 2.41 against 2.55 GiB and 36.2 against 40.4 ms (README,
-    "Results"). Without the lean loss the whole model compiles, the plain loss inside it."""
+    lean loss, which runs eager after the blocks either way. bench.py's `(whole model)` rows
+    measure the other unit, replayed as CUDA graphs on either side of the eager loss as the
+    blocks are (README, "Results"): block by block peaks lower. Without the lean loss the whole
+    model compiles, the plain loss inside it."""
     return bool(config.memory_levers.lean_loss)
 
 

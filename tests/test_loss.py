@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from neuromanifold_gpt import build_model
 from neuromanifold_gpt.config.base import MemoryLevers, NeuroManifoldConfig
 from neuromanifold_gpt.loss import (
+    CHUNK_BYTES,
     _chunk_loss_and_grad,
     _compiled_chunk_loss_and_grad,
     chunk_tokens,
@@ -157,9 +158,9 @@ def test_never_materialises_the_full_logits():
 
 
 def test_chunk_tokens_caps_the_chunk_and_prefers_equal_chunks():
-    assert chunk_tokens(12288, 50304) == 512  # 128 MiB cap -> 667 tokens; 512 divides 12288
-    assert 12288 % chunk_tokens(12288, 50304) == 0
+    assert chunk_tokens(12288, 50304) == 2048  # 400 MiB cap -> 2084 tokens; 2048 divides 12288
+    assert chunk_tokens(12288, 50304, chunk_bytes=128 * 2**20) == 512  # 667; 512 divides
     assert chunk_tokens(100, 65) == 100  # small problems: one chunk
     assert chunk_tokens(7, 10**9) == 1
     c = chunk_tokens(10007, 50304)  # a prime: no divisor, balanced chunks under the cap
-    assert c * 4 * 50304 <= 128 * 2**20
+    assert c * 4 * 50304 <= CHUNK_BYTES

@@ -2,6 +2,7 @@
 the startup report, the metrics, and the out-of-memory exit."""
 
 import json
+import statistics
 from unittest import mock
 
 import numpy as np
@@ -190,6 +191,22 @@ def test_bench_runs_the_lean_rows_at_the_chunk_sizes_asked_for(tmp_path):
     # 2 x 32 tokens, two steps a row (warm-up and timed): one chunk a step, then eight
     assert chunks.call_count == 2 * 1 + 2 * 8
     assert rows["eager none +lean (8 tokens a chunk)"]["variant"] == "8 tokens a chunk"
+
+
+def test_plan_costs_are_the_compiled_plans_steps_over_the_fastest_with_the_runs_they_had():
+    import bench
+
+    def row(label, runs, **kw):  # merge_repeats's row: the median of the runs' steps
+        return {**dict(preset="gpt2", impl="ours", label=label, oom=False, step_ms=statistics.median(runs),
+                       step_ms_runs=runs, batch_size=12, block_size=1024), **kw}
+
+    rows = [row("compiled none", [20.0, 21.0, 19.0]), row("compiled block", [30.0, 31.0]),
+            row("compiled block +lean (cce)", [10.0], variant="cce"), row("eager none", [5.0]),
+            row("compiled none", [9.0], preset="gpt2-medium")]
+    costs = bench.plan_costs(dict(device="H100", torch_version="2.11", steps=20, repeat=3), rows, "gpt2")
+    assert costs["step_ratio"] == {"none": 1.0, "block": 1.525}
+    assert costs["hardware"] == ("H100, torch 2.11, bf16 autocast, compiled, gpt2 at 12 x 1024, bench.py "
+                                 "--steps 20, the median of 2-3 interleaved runs a row")
 
 
 def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_reports(tmp_path):
