@@ -25,7 +25,8 @@ linear cross-entropy of cut-cross-entropy or of Liger in place of our lean loss,
 the former with its default gradient filter, (whole model) compiles the whole model instead of
 block by block (replayed as CUDA graphs on either side of the eager loss); (no cuda graphs), for
 none +lean, block +lean and the plain and block plans, launches the compiled kernels one by one
-instead of replaying them as CUDA graphs.
+instead of replaying them as CUDA graphs; (N tokens a chunk), with --loss_chunks N, runs our lean
+loss (and predicts it) at N tokens a chunk.
 --profile LABEL runs that row again after the bench, under torch.profiler for --profile_steps
 steps, and writes where its step's time goes by kind of kernel (OUT_DIR/profile_PRESET_LABEL.md).
 Writes OUT_DIR/bench.json (every figure), bench.md (the table) and bench.png (peak memory
@@ -602,7 +603,7 @@ def main(argv=None) -> int:
                         help="with --plans: the bench.json files to compare the budget plans with")
     args = parser.parse_args(argv)
     try:
-        args.loss_chunks = [int(c) for c in filter(None, args.loss_chunks.split(","))]
+        args.loss_chunks = list(dict.fromkeys(int(c) for c in filter(None, args.loss_chunks.split(","))))
     except ValueError:
         raise ValueError(f"--loss_chunks {args.loss_chunks!r}: expected token counts, "
                          "comma-separated") from None
@@ -653,6 +654,14 @@ def main(argv=None) -> int:
     except ImportError:
         have_hf = False
     jobs = {preset: bench_jobs(preset, args, have_hf) for preset in presets}
+    if not any(jobs.values()):
+        raise ValueError(f"--only {args.only!r} selects no row; name rows as bench.md labels them, "
+                         f"e.g. {'eager none' if args.quick else 'compiled block +lean'!r}")
+    if args.loss_chunks and not any(job[3] and job[3].endswith(CHUNK_VARIANT)
+                                    for js in jobs.values() for job in js):
+        raise ValueError("--loss_chunks adds rows of the lean plans, and --only selects none; "
+                         "select one, e.g. --only " + ("'eager none +lean'" if args.quick
+                                                       else "'compiled block +lean'"))
     for option, labels in (("--profile", args.profile.split(",")), ("--snapshot", [args.snapshot])):
         unknown = [label for label in filter(None, labels)
                    if all(label not in (job[1] for job in js) for js in jobs.values())]
@@ -727,12 +736,16 @@ def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
             if have_hf and preset != "tiny"]
     jobs += [("whole", REFERENCE, dict(PLANS)["none"], None)] if preset != "tiny" else []
     jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
+    # --loss_chunks: each lean plan also at those chunk sizes, run where --only selects the plan
+    # or names the row itself
+    chunked = [(impl, f"{label} ({c}{CHUNK_VARIANT})", kw, f"{c}{CHUNK_VARIANT}")
+               for c in args.loss_chunks for impl, label, kw, variant in jobs
+               if impl == "ours" and kw["lean_loss"] and variant is None]
     parts = args.only.split(",")  # "" (every row) is in every label
-    jobs = [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
-    # --loss_chunks: each selected lean row also at those chunk sizes
-    return jobs + [(impl, f"{label} ({c}{CHUNK_VARIANT})", kw, f"{c}{CHUNK_VARIANT}")
-                   for c in args.loss_chunks for impl, label, kw, variant in jobs
-                   if impl == "ours" and kw["lean_loss"] and variant is None]
+    picked = [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
+    labels = {job[1] for job in picked}
+    return picked + [job for job in chunked if job[1] in parts
+                     or job[1].removesuffix(f" ({job[3]})") in labels]
 
 
 def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
@@ -749,10 +762,11 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
     merged = f", {sources} reports merged (one process each)" if sources > 1 else ""
     # a run cut short leaves some rows with fewer runs than --repeat asked for
     runs = sorted({len(r.get("step_ms_runs", [r["step_ms"]])) for r in steps.values()})
-    counted = f"{runs[0]}-{runs[-1]}" if len(runs) > 1 else f"{runs[0]}"
+    span = f"{runs[0]}-{runs[-1]}" if len(runs) > 1 else f"{runs[0]}"
+    counted = "one run a row" if runs == [1] else f"the median of {span} interleaved runs a row"
     return {"hardware": f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
                         f"{preset} at {r['batch_size']} x {r['block_size']}, bench.py --steps "
-                        f"{meta['steps']}, the median of {counted} interleaved runs a row{merged}",
+                        f"{meta['steps']}, {counted}{merged}",
             "step_ratio": {label: round(r["step_ms"] / fastest, 3) for label, r in steps.items()}}
 
 

@@ -43,18 +43,22 @@ def test_equals_plain_loss_and_gradients(chunk):
 
 def test_compiled_cuda_chunk_arithmetic_equals_the_in_place_one():
     """CUDA runs each chunk's loss and gradient as one compiled expression (the one-hot a
-    comparison, so compile writes no fp32 copy of the logits); the CPU builds the gradient in
-    place. Both give the same loss and gradient, here compiled for the CPU."""
+    comparison, so compile writes no fp32 copy of the logits) whose result overwrites the
+    logits; the CPU builds the gradient in place in an fp32 copy. Both give the same loss and
+    gradient, here compiled for the CPU."""
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(64, 1000, generator=g)).to(torch.bfloat16)
     targets = torch.randint(0, 1000, (64,), generator=g)
     weights = torch.rand(64, generator=g) * (torch.arange(64) % 5 != 0)  # ignored rows weigh 0
     loss, grad = _chunk_loss_and_grad(logits.clone(), targets, weights)
     for fused in (functools.partial(_chunk_loss_and_grad, fused=True), _compiled_chunk_loss_and_grad):
-        fused_loss, fused_grad = fused(logits.clone(), targets, weights)
-        assert fused_grad.dtype == torch.bfloat16
-        torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(fused_grad, grad, rtol=1e-2, atol=1e-5)
+        for dtype in (torch.bfloat16, torch.float32):  # in fp32 the upcast is the logits themselves
+            chunk = logits.to(dtype, copy=True)
+            fused_loss, fused_grad = fused(chunk, targets, weights)
+            # written over the logits: the chunk holds one (c, V) buffer, not two
+            assert fused_grad.data_ptr() == chunk.data_ptr() and fused_grad.dtype == dtype
+            torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(fused_grad.bfloat16(), grad, rtol=1e-2, atol=1e-5)
 
 
 def test_no_grad_computes_only_the_loss():

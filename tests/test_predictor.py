@@ -94,6 +94,20 @@ def test_levers_lower_the_prediction_where_they_act():
     assert offload < block
 
 
+def test_the_cuda_lean_loss_holds_one_chunk_of_logits_in_the_compute_dtype():
+    """On CUDA the compiled chunk arithmetic writes the logits' gradient over them: the loss's
+    phase grows by one bf16 (c, V) buffer per token of chunk, not two."""
+    from neuromanifold_gpt import predictor
+
+    cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, lean_loss=True)
+    loss_gib = {}
+    for c in (512, 2048):
+        with mock.patch.object(predictor, "chunk_tokens", lambda n, v, c=c: c):
+            loss_gib[c] = predict(cfg, 50257, "cuda", torch.bfloat16, compile=True).phases["loss"]
+    head_rows = cfg.model_config(50257).padded_vocab_size  # 50304
+    assert (loss_gib[2048] - loss_gib[512]) * GIB == pytest.approx(2 * (2048 - 512) * head_rows)
+
+
 def test_largest_batch_is_the_largest_that_fits():
     cfg = TrainConfig.from_flags(preset="gpt2", block_size=1024, compile=True, lean_loss=False)
     planner = Planner(50257, "cuda", torch.bfloat16)
@@ -185,12 +199,22 @@ def test_bench_runs_the_lean_rows_at_the_chunk_sizes_asked_for(tmp_path):
 
     with mock.patch.object(loss, "_add_chunk_grads", wraps=loss._add_chunk_grads) as chunks:
         assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path), "--only",
-                           "eager none,eager none +lean", "--exact", "--loss_chunks", "8"]) == 0
+                           "eager none,eager none +lean", "--exact", "--loss_chunks", "8,8"]) == 0
     rows = {r["label"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert list(rows) == ["eager none", "eager none +lean", "eager none +lean (8 tokens a chunk)"]
     # 2 x 32 tokens, two steps a row (warm-up and timed): one chunk a step, then eight
     assert chunks.call_count == 2 * 1 + 2 * 8
-    assert rows["eager none +lean (8 tokens a chunk)"]["variant"] == "8 tokens a chunk"
+    chunked = rows["eager none +lean (8 tokens a chunk)"]
+    assert chunked["variant"] == "8 tokens a chunk" and len(chunked["step_ms_runs"]) == 1
+    from neuromanifold_gpt import predictor
+    with bench.variant_context("8 tokens a chunk"):  # the row's prediction counts its own chunk
+        assert predictor.chunk_tokens(64, 65) == loss.chunk_tokens(64, 65) == 8
+    assert predictor.chunk_tokens(64, 65) == 64
+    # a chunk row can be named by itself
+    assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path / "named"), "--exact",
+                       "--only", "eager block +lean (16 tokens a chunk)", "--loss_chunks", "16"]) == 0
+    rows = json.loads((tmp_path / "named" / "bench.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["eager block +lean (16 tokens a chunk)"]
 
 
 def test_plan_costs_are_the_compiled_plans_steps_over_the_fastest_with_the_runs_they_had():
@@ -207,6 +231,9 @@ def test_plan_costs_are_the_compiled_plans_steps_over_the_fastest_with_the_runs_
     assert costs["step_ratio"] == {"none": 1.0, "block": 1.525}
     assert costs["hardware"] == ("H100, torch 2.11, bf16 autocast, compiled, gpt2 at 12 x 1024, bench.py "
                                  "--steps 20, the median of 2-3 interleaved runs a row")
+    meta = dict(device="H100", torch_version="2.11", steps=20)
+    once = bench.plan_costs(meta, [row("compiled none", [20.0])], "gpt2")
+    assert once["hardware"].endswith("bench.py --steps 20, one run a row")
 
 
 def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_reports(tmp_path):
@@ -270,6 +297,12 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
     (["--quick", "--profile", "eager none", "--profile_steps", "0"],
      "error: --steps, --repeat and --profile_steps must be at least 1"),
     (["--quick", "--loss_chunks", "64,0"], "error: --loss_chunks takes token counts of at least 1"),
+    (["--quick", "--only", "eager none", "--exact", "--loss_chunks", "64"],
+     "error: --loss_chunks adds rows of the lean plans, and --only selects none; select one, "
+     "e.g. --only 'eager none +lean'"),
+    (["--quick", "--only", "eager nothing", "--exact"],
+     "error: --only 'eager nothing' selects no row; name rows as bench.md labels them, e.g. "
+     "'eager none'"),
     (["--plans", "budget", "--loss_chunks", "64"],
      "error: --loss_chunks adds rows of the losses or of the lean plans; it does not go with "
      "--plans or --report"),
