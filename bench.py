@@ -34,7 +34,8 @@ vs step time per preset, with the Pareto front).
 
 --plans checks the planner's promises instead, each run a fresh train.py process on random
 tokens: `batch` trains each of --batch_presets a few steps at --batch_size auto under each of
-PLAN_POLICIES (did it run, how far is the measured peak from the predicted one?); `budget`
+--batch_plans (by default none, block and block +lean: did it run, how far is the measured peak
+from the predicted one?); `budget`
 trains each of --budget_presets with --memory_budget_gb for each of --budgets (is the measured
 peak within the budget, and how does the step compare with the fastest row of the bench.json
 given by --against that fits?). Writes OUT_DIR/plans.json and plans.md.
@@ -597,6 +598,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plans", default="", metavar="batch,budget",
                         help="check the planner instead: these tables (see above)")
     parser.add_argument("--batch_presets", default="shakespeare_char,gpt2,gpt2-medium")
+    parser.add_argument("--batch_plans", default=",".join(PLAN_POLICIES), metavar="PLAN[,PLAN...]",
+                        help="with --plans batch: the plans each preset runs at its recommended batch")
     parser.add_argument("--budget_presets", default="gpt2,gpt2-medium")
     parser.add_argument("--budgets", default="3,6,10,20", help="GiB, comma-separated")
     parser.add_argument("--against", default="", metavar="JSON[,JSON...]",
@@ -854,14 +857,18 @@ def check_plans(args) -> int:
         budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError:
         raise ValueError(f"--budgets {args.budgets!r}: expected GiB as numbers, comma-separated") from None
+    batch_plans = list(dict.fromkeys(p.strip() for p in args.batch_plans.split(",")))
+    unknown = [p for p in batch_plans if p not in PLAN_POLICIES]
+    if unknown:
+        raise ValueError(f"--batch_plans: unknown plan {unknown[0]!r}; "
+                         f"choose from {', '.join(PLAN_POLICIES)}")
     # (table, preset, train.py arguments, timed steps, metrics file, what the row adds)
     runs = [("budget", preset, ["--memory_budget_gb", str(budget)], args.steps,
              f"budget_{preset}_{budget:g}.json", dict(budget_gb=budget))
             for preset in args.budget_presets.split(",") for budget in budgets if "budget" in tables]
-    runs += [("batch", preset, ["--batch_size", "auto", *flags], PLAN_BATCH_STEPS,
+    runs += [("batch", preset, ["--batch_size", "auto", *PLAN_POLICIES[policy]], PLAN_BATCH_STEPS,
               f"batch_{preset}_{policy.replace(' ', '')}.json", dict(plan=policy))
-             for preset in args.batch_presets.split(",") for policy, flags in PLAN_POLICIES.items()
-             if "batch" in tables]
+             for preset in args.batch_presets.split(",") for policy in batch_plans if "batch" in tables]
     used = dict.fromkeys(run[1] for run in runs)
     unknown = [p for p in used if p not in VOCAB]
     if unknown:

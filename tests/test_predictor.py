@@ -313,6 +313,8 @@ def test_bench_loss_kernels_checks_each_kernel_against_fp64(tmp_path):
      "--profile, --snapshot or --only"),
     (["--plans", "budget", "--profile", "eager none"],
      "error: --profile runs bench rows; it does not go with --plans or --report"),
+    (["--plans", "batch", "--batch_plans", "none,blok"],
+     "error: --batch_plans: unknown plan 'blok'; choose from none, block, block +lean"),
     (["--report", "out/nowhere/bench.json"],
      "error: bench report out/nowhere/bench.json is missing; run bench.py, which writes it as "
      "OUT_DIR/bench.json (--out_dir, out/bench by default)"),
@@ -323,6 +325,29 @@ def test_bench_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message)
     assert bench.main([*argv, "--out_dir", str(tmp_path / "plans")]) == 2
     assert one_line_error(capsys).strip() == message
     assert not (tmp_path / "plans").exists()  # nothing started
+
+
+def test_bench_checks_the_recommended_batch_under_the_plans_asked_for(tmp_path, monkeypatch):
+    """--batch_plans picks the plans a batch check trains, once each, in the order given, and
+    the table has a row for each run."""
+    import bench
+
+    calls = []
+
+    def fake_run(data_dir, preset, extra, steps, metrics):
+        calls.append((preset, extra))
+        return dict(preset=preset, exit=0, batch_size=8, predicted_gb=2.0, peak_gb=1.9, reserved_gb=2.1)
+
+    monkeypatch.setattr(bench, "run_train", fake_run)
+    argv = ["--plans", "batch", "--batch_presets", "shakespeare_char",
+            "--batch_plans", "block +lean,none,block +lean", "--out_dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert calls == [("shakespeare_char", ["--batch_size", "auto", *bench.PLAN_POLICIES[p]])
+                     for p in ("block +lean", "none")]
+    rows = [line for line in (tmp_path / "plans.md").read_text().splitlines()
+            if line.startswith("| shakespeare_char")]
+    assert rows == ["| shakespeare_char | block +lean | 8 | 2.00 | 1.90 | +5.3 | 2.10 | yes |",
+                    "| shakespeare_char | none | 8 | 2.00 | 1.90 | +5.3 | 2.10 | yes |"]
 
 
 def test_compiled_coefficient_matches_what_the_partitioner_saves():
