@@ -147,7 +147,9 @@ def _chunk_tokens(tokens: int):
         yield
 
 
-def variant_context(variant: str):
+def variant_context(variant: str | None):
+    if variant is None:
+        return contextlib.nullcontext()
     if variant.endswith(CHUNK_VARIANT):
         return _chunk_tokens(int(variant.removesuffix(CHUNK_VARIANT)))
     return VARIANTS[variant]()
@@ -303,7 +305,7 @@ def run_ours(preset: str, overrides: dict, variant: str | None, data_dir: str, s
     # no row reports a loss)
     no_eval = mock.patch.object(Trainer, "estimate_loss", lambda self: dict(train=0.0, val=0.0))
     try:
-        with variant_context(variant) if variant else contextlib.nullcontext(), no_eval:
+        with variant_context(variant), no_eval:
             m = train(cfg, callbacks=callbacks, quiet=True)
     except TrainingOOM as e:
         return dict(oom=True, error=str(e))
@@ -741,14 +743,13 @@ def bench_jobs(preset: str, args, have_hf: bool) -> list[tuple]:
     jobs += [("ours", label, kw, variant) for label, kw, variant in our_rows(args.quick)]
     # --loss_chunks: each lean plan also at those chunk sizes, run where --only selects the plan
     # or names the row itself
-    chunked = [(impl, f"{label} ({c}{CHUNK_VARIANT})", kw, f"{c}{CHUNK_VARIANT}")
+    chunked = [(label, (impl, f"{label} ({c}{CHUNK_VARIANT})", kw, f"{c}{CHUNK_VARIANT}"))
                for c in args.loss_chunks for impl, label, kw, variant in jobs
                if impl == "ours" and kw["lean_loss"] and variant is None]
     parts = args.only.split(",")  # "" (every row) is in every label
     picked = [job for job in jobs if (job[1] in parts if args.exact else any(p in job[1] for p in parts))]
     labels = {job[1] for job in picked}
-    return picked + [job for job in chunked if job[1] in parts
-                     or job[1].removesuffix(f" ({job[3]})") in labels]
+    return picked + [job for base, job in chunked if job[1] in parts or base in labels]
 
 
 def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
@@ -764,7 +765,7 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
     sources = len(meta.get("sources", [])) or 1
     merged = f", {sources} reports merged (one process each)" if sources > 1 else ""
     # a run cut short leaves some rows with fewer runs than --repeat asked for
-    runs = sorted({len(r.get("step_ms_runs", [r["step_ms"]])) for r in steps.values()})
+    runs = sorted({len(row.get("step_ms_runs", [row["step_ms"]])) for row in steps.values()})
     span = f"{runs[0]}-{runs[-1]}" if len(runs) > 1 else f"{runs[0]}"
     counted = "one run a row" if runs == [1] else f"the median of {span} interleaved runs a row"
     return {"hardware": f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
