@@ -67,7 +67,7 @@ from neuromanifold_gpt import loss as lean_loss
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.device import device_name
-from neuromanifold_gpt.errors import TrainingOOM, entry_point
+from neuromanifold_gpt.errors import BadInput, TrainingOOM, entry_point
 from neuromanifold_gpt.files import atomic_path, read_json, write_json
 from neuromanifold_gpt.loss import (
     IGNORE_INDEX,
@@ -92,7 +92,7 @@ def _library(module: str, package: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        raise ValueError(f"this row needs {package}: pip install -e '.[compare]' (Linux with "
+        raise BadInput(f"this row needs {package}: pip install -e '.[compare]' (Linux with "
                          "a CUDA torch)") from None
 
 
@@ -485,7 +485,7 @@ def loss_kernel_bench(args) -> int:
 
     quick = args.quick
     if not quick and not torch.cuda.is_available():
-        raise ValueError("--loss_kernels measures CUDA kernels; use --quick on a CPU")
+        raise BadInput("--loss_kernels measures CUDA kernels; use --quick on a CPU")
     device = torch.device("cpu" if quick else "cuda")
     n, widths, n_check = (512, (64,), 256) if quick else (12288, (768, 1024), 4096)
     head, vocab = (1000, 1000) if quick else (50304, 50257)  # head rows; targets below vocab
@@ -610,22 +610,22 @@ def main(argv=None) -> int:
     try:
         args.loss_chunks = list(dict.fromkeys(int(c) for c in filter(None, args.loss_chunks.split(","))))
     except ValueError:
-        raise ValueError(f"--loss_chunks {args.loss_chunks!r}: expected token counts, "
+        raise BadInput(f"--loss_chunks {args.loss_chunks!r}: expected token counts, "
                          "comma-separated") from None
     if any(c < 1 for c in args.loss_chunks):
-        raise ValueError("--loss_chunks takes token counts of at least 1")
+        raise BadInput("--loss_chunks takes token counts of at least 1")
     if args.loss_chunks and (args.plans or args.report):
-        raise ValueError("--loss_chunks adds rows of the losses or of the lean plans; it does "
+        raise BadInput("--loss_chunks adds rows of the losses or of the lean plans; it does "
                          "not go with --plans or --report")
     if args.steps < 1 or args.repeat < 1 or args.profile_steps < 1:
-        raise ValueError("--steps, --repeat and --profile_steps must be at least 1")
+        raise BadInput("--steps, --repeat and --profile_steps must be at least 1")
     if args.loss_kernels and (args.plans or args.report or args.profile or args.snapshot or args.only):
-        raise ValueError("--loss_kernels times the losses alone; it does not go with --plans, "
+        raise BadInput("--loss_kernels times the losses alone; it does not go with --plans, "
                          "--report, --profile, --snapshot or --only")
     if args.profile and (args.plans or args.report):
-        raise ValueError("--profile runs bench rows; it does not go with --plans or --report")
+        raise BadInput("--profile runs bench rows; it does not go with --plans or --report")
     if args.exact and not args.only:
-        raise ValueError("--exact matches whole labels given by --only; name the rows with --only")
+        raise BadInput("--exact matches whole labels given by --only; name the rows with --only")
     if args.plans:
         return check_plans(args)
     if args.loss_kernels:
@@ -642,12 +642,12 @@ def main(argv=None) -> int:
         device, presets, shapes = torch.device("cpu"), ["tiny"], {"tiny": (2, 32)}
     else:
         if not torch.cuda.is_available():
-            raise ValueError("the full bench needs CUDA; use --quick on a CPU")
+            raise BadInput("the full bench needs CUDA; use --quick on a CPU")
         device = torch.device("cuda")
         presets = args.presets.split(",")
         unknown = [p for p in presets if p not in VOCAB]
         if unknown:
-            raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
+            raise BadInput(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
         shapes = {p: PRESETS[p]["cuda"] for p in presets}
     use_expandable_segments()  # as every training run does
     # a repeat of a row, and the next row with the same blocks, load compiled code from disk
@@ -660,21 +660,21 @@ def main(argv=None) -> int:
         have_hf = False
     jobs = {preset: bench_jobs(preset, args, have_hf) for preset in presets}
     if not any(jobs.values()):
-        raise ValueError(f"--only {args.only!r} selects no row; name rows as bench.md labels them, "
+        raise BadInput(f"--only {args.only!r} selects no row; name rows as bench.md labels them, "
                          f"e.g. {'eager none' if args.quick else 'compiled block +lean'!r}")
     if args.loss_chunks and not any(job[3] and job[3].endswith(CHUNK_VARIANT)
                                     for js in jobs.values() for job in js):
-        raise ValueError("--loss_chunks adds rows of the lean plans, and --only selects none; "
+        raise BadInput("--loss_chunks adds rows of the lean plans, and --only selects none; "
                          "select one, e.g. --only " + ("'eager none +lean'" if args.quick
                                                        else "'compiled block +lean'"))
     for option, labels in (("--profile", args.profile.split(",")), ("--snapshot", [args.snapshot])):
         unknown = [label for label in filter(None, labels)
                    if all(label not in (job[1] for job in js) for js in jobs.values())]
         if unknown:
-            raise ValueError(f"{option} {unknown[0]!r} is not a row of this run; name a row that "
+            raise BadInput(f"{option} {unknown[0]!r} is not a row of this run; name a row that "
                              f"--only selects, e.g. {next(iter(jobs.values()))[0][1]!r}")
     if args.snapshot and device.type != "cuda":
-        raise ValueError("--snapshot records the CUDA allocator's history; run it on a GPU")
+        raise BadInput("--snapshot records the CUDA allocator's history; run it on a GPU")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(device),
@@ -724,7 +724,7 @@ def read_reports(paths: str) -> tuple[dict, list[dict]]:
         differ = [k for k in ("device", "torch_version", "steps", "repeat")
                   if meta and data.get(k) != meta.get(k)]
         if differ:
-            raise ValueError(f"{path}: its {differ[0]} ({data.get(differ[0])!r}) is not that of the "
+            raise BadInput(f"{path}: its {differ[0]} ({data.get(differ[0])!r}) is not that of the "
                              f"reports before it ({meta.get(differ[0])!r}); merge reports of one "
                              "machine, torch and --steps/--repeat")
         for r in data.pop("rows"):
@@ -758,7 +758,7 @@ def plan_costs(meta: dict, rows: list[dict], preset: str) -> dict:
     steps = {r["label"].removeprefix("compiled "): r for r in ours_as_run(rows, preset)
              if r["label"].startswith("compiled ")}
     if not steps:
-        raise ValueError(f"no compiled rows of preset {preset!r} in the report; run "
+        raise BadInput(f"no compiled rows of preset {preset!r} in the report; run "
                          f"bench.py --presets {preset} first")
     fastest = min(r["step_ms"] for r in steps.values())
     r = next(iter(steps.values()))
@@ -853,15 +853,15 @@ def fastest_bench_row(rows: list[dict], preset: str, budget: float) -> dict | No
 def check_plans(args) -> int:
     tables = args.plans.split(",")
     if not set(tables) <= {"batch", "budget"}:
-        raise ValueError(f"--plans {args.plans!r}: name the tables batch and/or budget")
+        raise BadInput(f"--plans {args.plans!r}: name the tables batch and/or budget")
     try:
         budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError:
-        raise ValueError(f"--budgets {args.budgets!r}: expected GiB as numbers, comma-separated") from None
+        raise BadInput(f"--budgets {args.budgets!r}: expected GiB as numbers, comma-separated") from None
     batch_plans = list(dict.fromkeys(p.strip() for p in args.batch_plans.split(",")))
     unknown = [p for p in batch_plans if p not in PLAN_POLICIES]
     if unknown:
-        raise ValueError(f"--batch_plans: unknown plan {unknown[0]!r}; "
+        raise BadInput(f"--batch_plans: unknown plan {unknown[0]!r}; "
                          f"choose from {', '.join(PLAN_POLICIES)}")
     # (table, preset, train.py arguments, timed steps, metrics file, what the row adds)
     runs = [("budget", preset, ["--memory_budget_gb", str(budget)], args.steps,
@@ -873,7 +873,7 @@ def check_plans(args) -> int:
     used = dict.fromkeys(run[1] for run in runs)
     unknown = [p for p in used if p not in VOCAB]
     if unknown:
-        raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
+        raise BadInput(f"unknown preset {unknown[0]!r}; choose from {', '.join(VOCAB)}")
     bench_rows = read_reports(args.against)[1] if args.against else []
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from neuromanifold_gpt.errors import (
     EXIT_INTERRUPTED,
     EXIT_NON_FINITE,
     EXIT_OOM,
+    BadInput,
     entry_point,
 )
 from neuromanifold_gpt.files import check_output
@@ -41,7 +42,7 @@ def holding(out: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another verify_gradient_checkpointing.py run is using {out}; wait "
+            raise BadInput(f"another verify_gradient_checkpointing.py run is using {out}; wait "
                              f"for it to finish or pass --out OTHER_FOLDER") from None
         yield
 
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     reserved = [a for a in overrides if a.lstrip("-").partition("=")[0] in PER_RUN_FLAGS]  # set per run
     if reserved:
-        raise ValueError(f"{reserved[0]} is set by this script for each run; drop it")
+        raise BadInput(f"{reserved[0]} is set by this script for each run; drop it")
     params = load_params("train", "sizes", "checkpointing", "verify", path=args.params)
     # both runs are planned before either starts: bad settings stop it with nothing written
     plans = {run: plan_run(params, args.size, run, args.out, overrides) for run in RUNS}

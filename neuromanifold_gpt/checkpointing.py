@@ -26,6 +26,7 @@ from torch.utils.checkpoint import (
 )
 
 from .config.base import NeuroManifoldConfig
+from .errors import BadInput
 
 # Outputs worth keeping under the selective policy: the matmuls and the attention kernels.
 # Everything else (LayerNorm, GELU, adds, dropout, views) is cheap to recompute.
@@ -57,7 +58,7 @@ def _selective_context():
 
 def _wrap_forward(module: nn.Module, policy: str) -> None:
     if getattr(module, "_checkpoint_policy", None):
-        raise ValueError(f"activation checkpointing is already applied to {type(module).__name__}")
+        raise BadInput(f"activation checkpointing is already applied to {type(module).__name__}")
     forward = module.forward
     kwargs = dict(use_reentrant=False, preserve_rng_state=True)
     if policy == "selective":

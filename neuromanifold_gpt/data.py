@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import entry_point
+from .errors import BadInput, entry_point
 from .files import atomic_path, cache_dir, check_output, sha256_of
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -45,10 +45,10 @@ def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
     if local:
         path = Path(local)
         if not path.is_file():
-            raise ValueError(f"corpus {named}{local} not found; give the path of tiny "
+            raise BadInput(f"corpus {named}{local} not found; give the path of tiny "
                              f"shakespeare's input.txt")
         if sha256_of(path) != sha256:
-            raise ValueError(f"corpus {named}{local} has the wrong sha256 (expected {sha256}); it "
+            raise BadInput(f"corpus {named}{local} has the wrong sha256 (expected {sha256}); it "
                              f"is not tiny shakespeare's input.txt or it is damaged")
         with atomic_path(cached) as tmp:
             shutil.copyfile(path, tmp)
@@ -58,11 +58,11 @@ def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
                 with urllib.request.urlopen(source, timeout=30) as r, open(tmp, "wb") as f:
                     shutil.copyfileobj(r, f)
             except OSError as e:
-                raise ValueError(f"could not download {source} ({e}); offline, set "
+                raise BadInput(f"could not download {source} ({e}); offline, set "
                                  f"{CORPUS_ENV}=/path/to/input.txt (a local copy; sha256 "
                                  f"{sha256[:12]}...) and run again") from None
             if sha256_of(tmp) != sha256:
-                raise ValueError(f"download of {source} has the wrong sha256 (expected {sha256})")
+                raise BadInput(f"download of {source} has the wrong sha256 (expected {sha256})")
     return cached.read_text(encoding="utf-8")
 
 
@@ -93,7 +93,7 @@ def write_splits(out_dir: Path, train: np.ndarray, val: np.ndarray, meta: dict) 
         for name in ("train.bin", "val.bin", META):
             os.replace(tmp / name, out_dir / name)
     except OSError as e:
-        raise ValueError(f"could not write the dataset to {out_dir} ({e.strerror or e}); free "
+        raise BadInput(f"could not write the dataset to {out_dir} ({e.strerror or e}); free "
                          f"some space or choose another --data_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,9 +135,9 @@ def open_dataset(data_dir: str, dataset: str, block_size: int) -> tuple[dict, di
     meta_path = folder / META
     if not meta_path.is_file():
         if (folder / "meta.pkl").is_file():  # never unpickled: a pickle can run code
-            raise ValueError(f"{folder} holds meta.pkl, an old metadata format that is not read "
+            raise BadInput(f"{folder} holds meta.pkl, an old metadata format that is not read "
                              f"(a pickle can run code); {_prepare_again(data_dir, dataset)}")
-        raise ValueError(f"dataset {dataset!r} is not prepared ({meta_path} is missing); run: "
+        raise BadInput(f"dataset {dataset!r} is not prepared ({meta_path} is missing); run: "
                          f"python3 -m neuromanifold_gpt.data {dataset} --data_dir {data_dir}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -145,24 +145,24 @@ def open_dataset(data_dir: str, dataset: str, block_size: int) -> tuple[dict, di
         counts = {split: meta[f"{split}_tokens"] for split in ("train", "val")}
         for value in (vocab_size, *counts.values()):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{value!r} is not a positive integer")
+                raise BadInput(f"{value!r} is not a positive integer")
     except (OSError, ValueError, KeyError, TypeError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
+        raise BadInput(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
                          f"{_prepare_again(data_dir, dataset)}") from None
     for split, expected in counts.items():
         path = folder / f"{split}.bin"
         size = path.stat().st_size if path.is_file() else -1
         if size != 2 * expected:
             state = "missing" if size < 0 else f"{size} bytes, expected {2 * expected}"
-            raise ValueError(f"{path} is {state}; {_prepare_again(data_dir, dataset)}")
+            raise BadInput(f"{path} is {state}; {_prepare_again(data_dir, dataset)}")
         if expected <= block_size:
-            raise ValueError(f"block_size={block_size} is too large for {path} "
+            raise BadInput(f"block_size={block_size} is too large for {path} "
                              f"({expected} tokens); use --block_size {expected - 1} or less")
         # one pass over the memmap (about 1 ms per million tokens): an id past the vocabulary
         # would otherwise fail deep inside the embedding
         top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
         if top >= vocab_size:
-            raise ValueError(f"{path} holds token id {top}, but {meta_path} says vocab_size "
+            raise BadInput(f"{path} holds token id {top}, but {meta_path} says vocab_size "
                              f"{vocab_size}; {_prepare_again(data_dir, dataset)}")
     return meta, counts
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config.base import TrainConfig
+from .errors import BadInput
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -13,7 +14,7 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     else:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device} but CUDA is not available; use --device cpu "
+            raise BadInput(f"device={cfg.device} but CUDA is not available; use --device cpu "
                              f"or --device auto")
     if cfg.dtype == "auto":
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -36,6 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config.base import TrainConfig
+from .errors import BadInput
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -58,7 +59,7 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> None:
     """The settings that depend on the number of processes; torchrun's launcher checks them
     too, before any process starts."""
     if cfg.gradient_accumulation_steps % world_size:
-        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
+        raise BadInput(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
                          f"global count of micro-steps and must divide among the {world_size} "
                          f"ranks; use a multiple of {world_size}")
 
@@ -67,14 +68,14 @@ def init(device: torch.device, cfg: TrainConfig) -> tuple[DistInfo, torch.device
     """Join torchrun's process group when launched by it; returns this rank's info and device."""
     if not all(k in os.environ for k in _LAUNCHER_ENV):
         if cfg.fsdp:
-            raise ValueError("fsdp=true needs a torchrun launch: torchrun --standalone "
+            raise BadInput("fsdp=true needs a torchrun launch: torchrun --standalone "
                              "--nproc_per_node=N train.py ... --fsdp true")
         return DistInfo(), device
     rank, local_rank, world_size = (int(os.environ[k]) for k in _LAUNCHER_ENV)
     check_world_size(cfg, world_size)
     if device.type == "cuda":
         if device.index is not None:
-            raise ValueError(f"device={device} under torchrun: each rank uses cuda:LOCAL_RANK; use "
+            raise BadInput(f"device={device} under torchrun: each rank uses cuda:LOCAL_RANK; use "
                              f"--device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -24,6 +24,11 @@ EXIT_NON_FINITE = 4
 EXIT_INTERRUPTED = 130
 
 
+class BadInput(ValueError):
+    """Something the user must fix (a setting, a file, a path): one line naming the value and
+    the fix, exit 2. Any other exception is a bug and keeps its traceback."""
+
+
 class TrainingOOM(RuntimeError):
     """CUDA ran out of memory during training; the metrics record it."""
 
@@ -49,7 +54,7 @@ def _interrupt(signum, frame):
 
 
 def entry_point(main: Callable[..., int]) -> Callable[..., int]:
-    """main, with bad input (ValueError), a CUDA OOM, a non-finite loss, Ctrl-C and SIGTERM
+    """main, with bad input (BadInput), a CUDA OOM, a non-finite loss, Ctrl-C and SIGTERM
     turned into their exit codes and one line on stderr."""
 
     @functools.wraps(main)
@@ -57,7 +62,7 @@ def entry_point(main: Callable[..., int]) -> Callable[..., int]:
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return main(*args, **kwargs)
-        except ValueError as e:
+        except BadInput as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except TrainingOOM as e:

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import BadInput
+
 _KINDS = {stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFCHR: "device",
           stat.S_IFBLK: "device", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket"}
 
@@ -33,7 +35,7 @@ def _refuse_non_regular(path: Path, what: str) -> None:
     except (FileNotFoundError, NotADirectoryError):  # nothing there (yet) to replace
         return
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} {path} is a {_KINDS.get(stat.S_IFMT(mode), 'special file')}, "
+        raise BadInput(f"{what} {path} is a {_KINDS.get(stat.S_IFMT(mode), 'special file')}, "
                          f"not a regular file; give the path of a file to write")
 
 
@@ -43,17 +45,17 @@ def check_output(path: str | Path, what: str) -> None:
     path = Path(path)
     _refuse_non_regular(path, what)
     if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path} is read-only; make it writable or choose another path")
+        raise BadInput(f"{what} {path} is read-only; make it writable or choose another path")
     folder = path.parent
     while not os.path.lexists(folder):  # the folders still to be made go in the nearest existing one
         folder = folder.parent
     if not folder.is_dir():
-        raise ValueError(f"{what} {path} cannot be written: {folder} is a file, not a folder; "
+        raise BadInput(f"{what} {path} cannot be written: {folder} is a file, not a folder; "
                          f"choose another path")
     try:  # a probe, not os.access: it also sees read-only mounts and works the same as root
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.probe.")
     except OSError as e:
-        raise ValueError(f"{what} {path} cannot be written ({e.strerror}: {folder}); choose a "
+        raise BadInput(f"{what} {path} cannot be written ({e.strerror}: {folder}); choose a "
                          f"writable path") from None
     os.close(fd)
     os.unlink(probe)
@@ -68,7 +70,7 @@ def check_outputs(outputs: dict[str, str | Path]) -> None:
         check_output(path, what)
         key = Path(os.path.abspath(path))
         if key in seen:
-            raise ValueError(f"{seen[key]} and {what} are both {path}; give each its own file")
+            raise BadInput(f"{seen[key]} and {what} are both {path}; give each its own file")
         seen[key] = what
 
 
@@ -92,7 +94,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # same suffix, so writers that pick a format by extension (savefig) still do
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     except OSError as e:
-        raise ValueError(f"cannot write {path} ({e.strerror}); choose a writable path") from None
+        raise BadInput(f"cannot write {path} ({e.strerror}); choose a writable path") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -101,7 +103,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise ValueError(f"could not write {path} ({e.strerror or e}); free some space or choose "
+        raise BadInput(f"could not write {path} ({e.strerror or e}); free some space or choose "
                          f"another path (the previous file, if any, is unchanged)") from None
     finally:
         if os.path.exists(tmp):
@@ -128,14 +130,14 @@ def read_json(path: str | Path, required: tuple[str, ...] = (), what: str = "met
     path = Path(path)
     writer = writer or f"the training that writes it (dvc repro, or train.py --metrics_file {path})"
     if not path.is_file():
-        raise ValueError(f"{what} {path} is missing; run {writer}")
+        raise BadInput(f"{what} {path} is missing; run {writer}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is corrupt ({e}); delete it and run {writer}") from None
+        raise BadInput(f"{what} {path} is corrupt ({e}); delete it and run {writer}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} is corrupt (not a JSON object); run {writer}")
+        raise BadInput(f"{what} {path} is corrupt (not a JSON object); run {writer}")
     missing = [k for k in required if k not in data]
     if missing:
-        raise ValueError(f"{what} {path} lacks {', '.join(missing)}; run {writer}")
+        raise BadInput(f"{what} {path} lacks {', '.join(missing)}; run {writer}")
     return data

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config.base import MemoryLevers
+from .errors import BadInput
 
 
 class OptimizerInBackward(torch.optim.AdamW):
@@ -30,7 +31,7 @@ class OptimizerInBackward(torch.optim.AdamW):
 
     def __init__(self, params, **kwargs):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError("optimizer_in_backward=true would step on this rank's gradients "
+            raise BadInput("optimizer_in_backward=true would step on this rank's gradients "
                              "before they are reduced across ranks; use it in a single process")
         super().__init__(params, **kwargs)
         # weak: a strong reference from the parameters' hooks would be a cycle through C++ that

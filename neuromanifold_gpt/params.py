@@ -16,6 +16,7 @@ import yaml
 
 from .config.base import ActivationCheckpoint
 from .config.cli import coerce, parse_args
+from .errors import BadInput
 
 DEVICES = ("cpu", "cuda")
 RUNS = ("baseline", "checkpointed")
@@ -32,14 +33,14 @@ def load_params(*sections: str, path: str | Path = "params.yaml") -> dict:
     """params.yaml, checked to have the sections the caller reads."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path} not found; run from the project root or pass --params FILE")
+        raise BadInput(f"{path} not found; run from the project root or pass --params FILE")
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        raise BadInput(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     for section in sections:
         if not isinstance((params or {}).get(section), dict):
-            raise ValueError(f"{path} has no `{section}:` section; restore it from git")
+            raise BadInput(f"{path} has no `{section}:` section; restore it from git")
     return params
 
 
@@ -47,11 +48,11 @@ def pick(value, device_type: str, size: str | None = None):
     """A params value, narrowed to this device ({cpu: .., cuda: ..}) and then to this size."""
     if isinstance(value, dict) and value and set(value) <= set(DEVICES):
         if device_type not in value:
-            raise ValueError(f"params.yaml value {value} has no `{device_type}:` entry; add one")
+            raise BadInput(f"params.yaml value {value} has no `{device_type}:` entry; add one")
         value = value[device_type]
     if size is not None and isinstance(value, dict):
         if size not in value:
-            raise ValueError(f"params.yaml value {value} has no entry for size {size!r}; add one")
+            raise BadInput(f"params.yaml value {value} has no entry for size {size!r}; add one")
         value = value[size]
     return value
 
@@ -87,16 +88,16 @@ def training_args(params: dict, size: str, run: str, device_type: str,
     """train.py's arguments for one run: the size's config file, then params.yaml's `train`,
     `sizes.SIZE` and (checkpointed run) `checkpointing` sections, later ones winning."""
     if size not in params["sizes"]:
-        raise ValueError(f"size {size!r} is not in params.yaml's sizes ({', '.join(params['sizes'])})")
+        raise BadInput(f"size {size!r} is not in params.yaml's sizes ({', '.join(params['sizes'])})")
     settings = dict(params["sizes"][size] or {})
     if "config" not in settings:
-        raise ValueError(f"params.yaml sizes.{size} has no `config:` (e.g. config/train_gpt2.py)")
+        raise BadInput(f"params.yaml sizes.{size} has no `config:` (e.g. config/train_gpt2.py)")
     args = ["--config", str(settings.pop("config"))]
     checkpointing = (params["checkpointing"] if run == "checkpointed"
                      else {"gradient_checkpointing": False})
     other = [k for k in checkpointing if k not in CHECKPOINTING_KEYS]
     if other:  # a lever set for one run only would be credited to checkpointing
-        raise ValueError(f"params.yaml checkpointing: may set only {', '.join(CHECKPOINTING_KEYS)}; "
+        raise BadInput(f"params.yaml checkpointing: may set only {', '.join(CHECKPOINTING_KEYS)}; "
                          f"move {', '.join(other)} to train: (both runs)")
     for section in (params["train"], settings, checkpointing):
         args += [_arg(k, pick(v, device_type)) for k, v in section.items() if k != "nproc"]
@@ -108,7 +109,7 @@ def processes(params: dict, device_type: str) -> int:
     """params.yaml's train.nproc: processes per run (default 1)."""
     nproc = pick(params["train"].get("nproc", 1), device_type)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"params.yaml train.nproc={nproc!r} must be a whole number >= 1")
+        raise BadInput(f"params.yaml train.nproc={nproc!r} must be a whole number >= 1")
     return nproc
 
 
@@ -121,25 +122,25 @@ def verify_criteria(params: dict, device_type: str, size: str) -> dict:
         low, high = (_number(x) for x in pick(v["expected_range_pct"], device_type, size))
         tolerance = _number(pick(v["loss_tolerance"], device_type, size))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"params.yaml verify section is incomplete or malformed for {size} on "
+        raise BadInput(f"params.yaml verify section is incomplete or malformed for {size} on "
                          f"{device_type} ({e}); it needs threshold_pct, expected_range_pct: "
                          f"[low, high], loss_tolerance, each a number") from None
     if low > high or tolerance < 0:
-        raise ValueError(f"params.yaml verify for {size} on {device_type}: expected_range_pct "
+        raise BadInput(f"params.yaml verify for {size} on {device_type}: expected_range_pct "
                          f"[{low:g}, {high:g}] must be [low, high] and loss_tolerance {tolerance:g} >= 0")
     return {"threshold_pct": threshold, "expected_range_pct": (low, high), "loss_tolerance": tolerance}
 
 
 def _number(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{value!r} is not a finite number")
+        raise BadInput(f"{value!r} is not a finite number")
     return float(value)
 
 
 def _only(section: dict, allowed, where: str, fix: str) -> None:
     unknown = [k for k in section if k not in allowed]
     if unknown:
-        raise ValueError(f"params.yaml {where} has unknown key {unknown[0]!r} (allowed: "
+        raise BadInput(f"params.yaml {where} has unknown key {unknown[0]!r} (allowed: "
                          f"{', '.join(allowed)}); {fix}")
 
 
@@ -147,7 +148,7 @@ def _device_forms(section: dict, where: str) -> None:
     """A dict value must be {cpu: A, cuda: B}: one file serves both kinds of machine."""
     for key, value in section.items():
         if isinstance(value, dict) and set(value) != set(DEVICES):
-            raise ValueError(f"params.yaml {where}.{key} is {value}; write a plain value or "
+            raise BadInput(f"params.yaml {where}.{key} is {value}; write a plain value or "
                              f"{{cpu: A, cuda: B}} with both devices")
 
 
@@ -155,35 +156,35 @@ def validate(params: dict) -> None:
     """Every params.yaml value the stages read, checked for both devices before any stage
     runs, so a mistake fails with one line instead of after DVC has removed outputs."""
     if not isinstance(params, dict):
-        raise ValueError("params.yaml is not a mapping of sections; restore it from git")
+        raise BadInput("params.yaml is not a mapping of sections; restore it from git")
     _only(params, SECTIONS, "(top level)", "remove it or restore params.yaml from git")
     for section in SECTIONS:
         if not isinstance(params.get(section), dict) or not params[section]:
-            raise ValueError(f"params.yaml has no `{section}:` section; restore it from git")
+            raise BadInput(f"params.yaml has no `{section}:` section; restore it from git")
     data = params["data"]
     _only(data, DATA_KEYS, "data", "to prepare from a local copy of the corpus, set "
           "NEUROMANIFOLD_CORPUS=/path/to/input.txt instead")
     if not str(data.get("url", "")).startswith(("http://", "https://")):
-        raise ValueError(f"params.yaml data.url={data.get('url')!r} must be an http(s) URL; "
+        raise BadInput(f"params.yaml data.url={data.get('url')!r} must be an http(s) URL; "
                          f"restore it from git")
     if not re.fullmatch(r"[0-9a-f]{64}", str(data.get("sha256", ""))):
-        raise ValueError(f"params.yaml data.sha256={data.get('sha256')!r} must be 64 hex digits; "
+        raise BadInput(f"params.yaml data.sha256={data.get('sha256')!r} must be 64 hex digits; "
                          f"restore it from git")
     _only(params["verify"], VERIFY_KEYS, "verify", "remove it")
     sections = {"train": params["train"], "checkpointing": params["checkpointing"]}
     for size, settings in params["sizes"].items():
         if not isinstance(settings, dict):
-            raise ValueError(f"params.yaml sizes.{size} must be a mapping with at least `config:`")
+            raise BadInput(f"params.yaml sizes.{size} must be a mapping with at least `config:`")
         sections[f"sizes.{size}"] = settings
     for where, section in sections.items():
         _device_forms(section, where)
         reserved = [k for k in section if k in PER_RUN_FLAGS[1:] or (k == "config" and where == "train")
                     or (k == "gradient_checkpointing" and where != "checkpointing")]
         if reserved:
-            raise ValueError(f"params.yaml {where}.{reserved[0]} is set by the pipeline for each "
+            raise BadInput(f"params.yaml {where}.{reserved[0]} is set by the pipeline for each "
                              f"run; remove it")
     if params["checkpointing"].get("gradient_checkpointing") is not True:
-        raise ValueError("params.yaml checkpointing.gradient_checkpointing must be true: it is "
+        raise BadInput("params.yaml checkpointing.gradient_checkpointing must be true: it is "
                          "the checkpointed run's switch")
     for device_type in DEVICES:
         processes(params, device_type)
@@ -197,7 +198,7 @@ def validate(params: dict) -> None:
                 try:
                     parse_args(args)
                 except ValueError as e:
-                    raise ValueError(f"params.yaml sizes.{size}, {run} run on {device_type}: {e}") from None
+                    raise BadInput(f"params.yaml sizes.{size}, {run} run on {device_type}: {e}") from None
             verify_criteria(params, device_type, size)
         for key in VERIFY_KEYS:
             _check_size_keys(params["verify"][key], params["sizes"], f"verify.{key}")
@@ -209,5 +210,5 @@ def _check_size_keys(value, sizes: dict, where: str) -> None:
         if isinstance(v, dict):
             unknown = [k for k in v if k not in sizes]
             if unknown:
-                raise ValueError(f"params.yaml {where} names size {unknown[0]!r}, which is not in "
+                raise BadInput(f"params.yaml {where} names size {unknown[0]!r}, which is not in "
                                  f"sizes ({', '.join(sizes)}); fix the name or remove it")

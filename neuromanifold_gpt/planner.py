@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config.base import TrainConfig
+from .errors import BadInput
 from .predictor import MemoryPrediction, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type.
@@ -186,7 +187,7 @@ class Planner:
             label, plan, _, peak = min(scored, key=lambda s: s[3])
             b = self.largest_batch(plan, BUDGET_MARGIN * budget_gb)
             fix = f"lower --batch_size to {b}" if b else "use a smaller model or block_size"
-            raise ValueError(f"memory_budget_gb={budget_gb:g} fits no plan at batch_size {B}: the "
+            raise BadInput(f"memory_budget_gb={budget_gb:g} fits no plan at batch_size {B}: the "
                              f"leanest, {label}, needs {peak:.2f} GiB (predicted); raise the budget "
                              f"or {fix}")
         label, plan, ratio, peak = min(
@@ -211,7 +212,7 @@ class Planner:
         lever = self.best_lever(sizing, limit, recommended)
         if cfg.batch_size == "auto":
             if recommended == 0:
-                raise ValueError(f"batch_size=auto: not even one sequence is predicted to fit in "
+                raise BadInput(f"batch_size=auto: not even one sequence is predicted to fit in "
                                  f"{free_gb:.1f} GiB free; {_lever_fix(lever)}")
             resolved = _with(resolved, batch_size=recommended)
         prediction = self.predict(resolved)

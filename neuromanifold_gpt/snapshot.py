@@ -11,6 +11,7 @@ import torch
 
 from . import distributed
 from .distributed import DistInfo
+from .errors import BadInput
 from .files import atomic_path
 
 KEYS = ("model", "optimizer", "iter_num", "config", "rng")
@@ -41,14 +42,14 @@ def save_snapshot(path: Path, model, optimizer, generator: torch.Generator, iter
             raise OSError(str(e).splitlines()[0]) from None
 
 
-def _unreadable(path: Path, why: str) -> ValueError:
-    return ValueError(f"snapshot {path} {why}; delete it and train again with --save_snapshot true, "
+def _unreadable(path: Path, why: str) -> BadInput:
+    return BadInput(f"snapshot {path} {why}; delete it and train again with --save_snapshot true, "
                       f"or use --init_from scratch")
 
 
 def _read(path: Path) -> dict:
     if not path.is_file():
-        raise ValueError(f"init_from=resume but {path} does not exist; train with "
+        raise BadInput(f"init_from=resume but {path} does not exist; train with "
                          f"--save_snapshot true first or use --init_from scratch")
     if path.stat().st_size == 0:
         raise _unreadable(path, "is empty")
@@ -71,7 +72,7 @@ def load_snapshot(path: Path, model, optimizer, generator: torch.Generator, devi
     if not isinstance(state["rng"], list):
         raise _unreadable(path, "is not a snapshot written by train.py")
     if len(state["rng"]) != dist.world_size:
-        raise ValueError(f"{path} was written by {len(state['rng'])} process(es), "
+        raise BadInput(f"{path} was written by {len(state['rng'])} process(es), "
                          f"this run has {dist.world_size}; resume with the same number "
                          f"(torchrun --nproc_per_node) or use --init_from scratch")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -80,7 +81,7 @@ def load_snapshot(path: Path, model, optimizer, generator: torch.Generator, devi
         old = state["config"] if isinstance(state["config"], dict) else {}
         differ = [f"{k} {old.get(k)} vs {config.get(k)}" for k in MODEL_SETTINGS
                   if old.get(k) != config.get(k)]
-        raise ValueError(f"snapshot {path} holds another model "
+        raise BadInput(f"snapshot {path} holds another model "
                          f"({', '.join(differ) or 'other tensor shapes'}); resume with the settings "
                          f"it was saved with, or use --init_from scratch")
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import BadInput
 from .files import atomic_path, cache_dir, sha256_of
 
 # name -> (the URL tiktoken loads it from, the sha256 tiktoken requires), as written in
@@ -44,7 +45,7 @@ def _packaged_file(name: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise ValueError(f"the GPT-2 BPE file {name} is neither in tiktoken's cache "
+        raise BadInput(f"the GPT-2 BPE file {name} is neither in tiktoken's cache "
                          f"({tiktoken_cache_dir()}) nor installed; pip install {SOURCE_PACKAGE}")
     return path
 
@@ -58,7 +59,7 @@ def seed_tiktoken_cache() -> Path:
             continue
         source = _packaged_file(name)
         if sha256_of(source) != sha256:
-            raise ValueError(f"{source} does not have the sha256 tiktoken expects ({sha256}); "
+            raise BadInput(f"{source} does not have the sha256 tiktoken expects ({sha256}); "
                              f"reinstall {SOURCE_PACKAGE}")
         with atomic_path(target) as tmp:
             tmp.write_bytes(source.read_bytes())

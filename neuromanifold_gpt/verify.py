@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .errors import BadInput
 from .files import read_json
 from .params import RUNS, run_files, verify_criteria
 
@@ -94,15 +95,15 @@ def read_run(path: str | Path) -> dict:
         keys = RUN_KEYS + ("oom", "nonfinite_loss")
         data = read_json(path, required=RUN_KEYS) | data
         if data["step_time_ms"] is None:
-            raise ValueError(f"metrics file {path} has no step time; re-run the training with "
+            raise BadInput(f"metrics file {path} has no step time; re-run the training with "
                              f"max_iters >= 2 (the first step is warm-up)")
     for key in keys:
         check, expected = FIELD_CHECKS.get(key, (lambda v: True, ""))
         if not check(data[key]):
-            raise ValueError(f"metrics file {path}: {key} is {data[key]!r}, not {expected}; it is "
+            raise BadInput(f"metrics file {path}: {key} is {data[key]!r}, not {expected}; it is "
                              f"corrupt: re-run the training that writes it")
     if data["nonfinite_loss"] and not isinstance(data.get("nonfinite_step"), int):
-        raise ValueError(f"metrics file {path}: nonfinite_step is {data.get('nonfinite_step')!r}, "
+        raise BadInput(f"metrics file {path}: nonfinite_step is {data.get('nonfinite_step')!r}, "
                          f"not a step number; re-run the training that writes it")
     return data
 
@@ -111,13 +112,13 @@ def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> d
     """The verdict on one size's pair, as a flat dict (an entry of metrics/verify.json)."""
     ran_through = not (baseline.get("nonfinite_loss") or optimized.get("nonfinite_loss"))
     if ran_through and not optimized["oom"] and not optimized["gradient_checkpointing"]:
-        raise ValueError(f"the checkpointed run of {size} had gradient_checkpointing off; set "
+        raise BadInput(f"the checkpointed run of {size} had gradient_checkpointing off; set "
                          f"checkpointing.gradient_checkpointing: true in params.yaml")
     if ran_through and not baseline["oom"] and baseline["gradient_checkpointing"]:
-        raise ValueError(f"the baseline run of {size} had gradient_checkpointing on; it must be off")
+        raise BadInput(f"the baseline run of {size} had gradient_checkpointing on; it must be off")
     for key, what in PROVENANCE.items():
         if baseline.get(key) != optimized.get(key):
-            raise ValueError(f"the two runs of {size} were measured with different {what} ({key} "
+            raise BadInput(f"the two runs of {size} were measured with different {what} ({key} "
                              f"{baseline.get(key)} vs {optimized.get(key)}); re-measure both: "
                              f"dvc repro --force")
     figures = dict.fromkeys(("reduction_gb", "reduction_pct", "step_time_ratio", "loss_diff"))
@@ -133,7 +134,7 @@ def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> d
     else:
         for key in SAME_SETTINGS:
             if baseline[key] != optimized[key]:
-                raise ValueError(f"the two runs of {size} differ in {key} ({baseline[key]} vs "
+                raise BadInput(f"the two runs of {size} differ in {key} ({baseline[key]} vs "
                                  f"{optimized[key]}); re-run both with the same settings")
         b, o = baseline["peak_memory_gb"], optimized["peak_memory_gb"]
         figures = {"reduction_gb": b - o, "reduction_pct": 100 * (b - o) / b,

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt import data
-from neuromanifold_gpt.errors import entry_point
+from neuromanifold_gpt.errors import BadInput, entry_point
 from neuromanifold_gpt.params import load_params
 
 
@@ -21,7 +21,7 @@ def main() -> int:
     params = load_params("data")["data"]
     missing = [k for k in ("url", "sha256") if not params.get(k)]
     if missing:
-        raise ValueError(f"params.yaml data lacks {', '.join(missing)}; restore it from git")
+        raise BadInput(f"params.yaml data lacks {', '.join(missing)}; restore it from git")
     for name in data.PREPARERS:
         status = data.main([name, "--source", params["url"], "--sha256", params["sha256"]])
         if status:

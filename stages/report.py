@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt import plots
-from neuromanifold_gpt.errors import entry_point
+from neuromanifold_gpt.errors import BadInput, entry_point
 from neuromanifold_gpt.files import write_tsv
 from neuromanifold_gpt.params import RUNS, load_params, run_files
 from neuromanifold_gpt.verify import read_run
@@ -31,7 +31,7 @@ def main() -> int:
         traces, timelines = ({size: {run: plots.read_trace(run_files(size, run)[kind]) for run in RUNS}
                               for size in sizes} for kind in ("trace", "timeline"))
     except (OSError, KeyError) as e:
-        raise ValueError(f"a memory trace is missing or damaged ({e}); re-run the training stages "
+        raise BadInput(f"a memory trace is missing or damaged ({e}); re-run the training stages "
                          f"(dvc repro --force)") from None
     points = [dict(size=size, run=run, **{k: m[k] for k in COLUMNS[2:]})
               for (size, run), m in runs.items() if not m["oom"]]

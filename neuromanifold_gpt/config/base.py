@@ -8,6 +8,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
+from ..errors import BadInput
+
 # One source of truth for model sizes. batch_size/block_size are the per-device defaults
 # a run uses when it does not set them: (CUDA, CPU).
 PRESETS: dict[str, dict] = {
@@ -26,17 +28,17 @@ POLICIES = ("block", "attention", "mlp", "selective")
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        raise BadInput(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _check_positive(name: str, value) -> None:
     if value is not None and value <= 0:
-        raise ValueError(f"{name}={value} must be > 0")
+        raise BadInput(f"{name}={value} must be > 0")
 
 
 def _check_range(name: str, value, low: float, high: float, high_open: bool = False) -> None:
     if value is not None and not (low <= value < high if high_open else low <= value <= high):
-        raise ValueError(f"{name}={value} must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+        raise BadInput(f"{name}={value} must be in [{low:g}, {high:g}{')' if high_open else ']'}")
 
 
 def _check_finite(section) -> None:
@@ -45,7 +47,7 @@ def _check_finite(section) -> None:
     for f in fields(section):
         value = getattr(section, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name}={value} must be a finite number")
+            raise BadInput(f"{f.name}={value} must be a finite number")
 
 
 @dataclass
@@ -75,7 +77,7 @@ class MemoryLevers:
     def __post_init__(self):
         _check_finite(self)
         if not 0.0 <= self.activation_memory_budget <= 1.0:
-            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} must be in "
+            raise BadInput(f"activation_memory_budget={self.activation_memory_budget} must be in "
                              f"[0, 1] (1 = compile's default, 0 = recompute all it can)")
 
 
@@ -104,7 +106,7 @@ class NeuroManifoldConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             _check_positive(name, getattr(self, name))
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+            raise BadInput(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head")
         _check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
 
@@ -176,11 +178,11 @@ class TrainConfig:
         # no float16: it needs loss scaling (GradScaler), which bf16 does without
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+            raise BadInput(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
-            raise ValueError(f"batch_size={self.batch_size!r} is not valid: expected an integer or auto")
+            raise BadInput(f"batch_size={self.batch_size!r} is not valid: expected an integer or auto")
         if self.batch_size == "auto" and self.memory_budget_gb is not None:
-            raise ValueError("batch_size=auto and memory_budget_gb both size the run; set one of them")
+            raise BadInput("batch_size=auto and memory_budget_gb both size the run; set one of them")
         _check_positive("memory_budget_gb", self.memory_budget_gb)
         for name in ("n_layer", "n_head", "n_embd", "block_size",
                      "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -191,20 +193,20 @@ class TrainConfig:
         _check_positive("learning_rate", self.learning_rate)
         for name in ("min_lr", "weight_decay", "grad_clip", "warmup_iters"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+                raise BadInput(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("beta1", "beta2"):
             _check_range(name, getattr(self, name), 0.0, 1.0, high_open=True)
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
+            raise BadInput(f"seed={self.seed} must be in [0, 2**32)")
         levers = self.memory_levers
         if levers.activation_memory_budget < 1.0 and self.compile is False:
-            raise ValueError(f"activation_memory_budget={levers.activation_memory_budget} acts only "
+            raise BadInput(f"activation_memory_budget={levers.activation_memory_budget} acts only "
                              f"on compiled blocks; set compile=true or the budget to 1")
         if levers.optimizer_in_backward and self.grad_clip > 0:
-            raise ValueError("optimizer_in_backward=true steps each weight before the global "
+            raise BadInput("optimizer_in_backward=true steps each weight before the global "
                              "gradient norm is known; set grad_clip=0")
         if levers.optimizer_in_backward and self.gradient_accumulation_steps > 1:
-            raise ValueError("optimizer_in_backward=true steps after every backward; set "
+            raise BadInput("optimizer_in_backward=true steps after every backward; set "
                              "gradient_accumulation_steps=1 (raise batch_size instead)")
         self.model_config(vocab_size=65)  # validates the combined model settings early
 

@@ -12,6 +12,7 @@ import types
 import typing
 from pathlib import Path
 
+from ..errors import BadInput
 from .base import SECTIONS, TrainConfig
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -40,12 +41,12 @@ def _field_types() -> dict[str, tuple[type, bool, bool]]:
     return out
 
 
-def _unknown(key: str, where: str) -> ValueError:
+def _unknown(key: str, where: str) -> BadInput:
     import difflib
 
     close = difflib.get_close_matches(key, list(_flags()), n=1)
     hint = f"; did you mean {close[0]}?" if close else "; see TrainConfig in neuromanifold_gpt/config/base.py"
-    return ValueError(f"unknown config key {key!r} {where}{hint}")
+    return BadInput(f"unknown config key {key!r} {where}{hint}")
 
 
 def coerce(key: str, value, where: str):
@@ -83,29 +84,29 @@ def coerce(key: str, value, where: str):
         return value
     expected = {bool: "true/false (also 1/0, yes/no)", int: "an integer", float: "a number",
                 str: "a string"}[typ] + (" or auto" if auto else "")
-    raise ValueError(f"{key}={value!r} {where} is not valid: expected {expected}")
+    raise BadInput(f"{key}={value!r} {where} is not valid: expected {expected}")
 
 
 def read_config_file(path: str) -> dict:
     """`key = literal` assignments of a config file, type-checked."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {path!r} not found; pass an existing file such as "
+        raise BadInput(f"config file {path!r} not found; pass an existing file such as "
                          f"config/train_shakespeare_char.py")
     where = f"in {path}"
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}: "
+        raise BadInput(f"config file {path} is not UTF-8 text (byte {e.start}: "
                          f"{e.object[e.start]:#04x}); save it as UTF-8") from None
     except OSError as e:
-        raise ValueError(f"config file {path} cannot be read ({e.strerror}); check its "
+        raise BadInput(f"config file {path} cannot be read ({e.strerror}); check its "
                          f"permissions") from None
     try:
         tree = ast.parse(text, filename=path)
     except (SyntaxError, ValueError) as e:  # ValueError: a null byte, on older Pythons
         line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
-        raise ValueError(f"config file {path}{line}: {getattr(e, 'msg', e)}; fix its Python "
+        raise BadInput(f"config file {path}{line}: {getattr(e, 'msg', e)}; fix its Python "
                          f"syntax") from None
     out = {}
     for node in tree.body:
@@ -113,13 +114,13 @@ def read_config_file(path: str) -> dict:
             continue  # docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name)):
-            raise ValueError(f"config file {path} line {node.lineno}: only `key = value` lines "
+            raise BadInput(f"config file {path} line {node.lineno}: only `key = value` lines "
                              f"are allowed")
         key = node.targets[0].id
         try:
             value = ast.literal_eval(node.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise ValueError(f"config file {path} line {node.lineno}: the value of {key} must be "
+            raise BadInput(f"config file {path} line {node.lineno}: the value of {key} must be "
                              f"a literal (number, string, True/False, None)") from None
         out[key] = coerce(key, value, where)
     return out
@@ -132,11 +133,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; use --key value or --key=value")
+            raise BadInput(f"unexpected argument {arg!r}; use --key value or --key=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value, e.g. --{key}=VALUE")
+                raise BadInput(f"--{key} needs a value, e.g. --{key}=VALUE")
             value = argv[i + 1]
             i += 1
         i += 1

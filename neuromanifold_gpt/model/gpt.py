@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config.base import NeuroManifoldConfig
+from ..errors import BadInput
 from ..loss import LinearCrossEntropyLoss
 from .block import NeuroManifoldBlock
 
@@ -53,7 +54,7 @@ class NeuroManifoldGPT(nn.Module):
         loss's memory."""
         B, T = idx.size()
         if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
+            raise BadInput(f"sequence of length {T} exceeds block_size={self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
