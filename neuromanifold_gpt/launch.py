@@ -7,6 +7,7 @@ diverged loss is read from the metrics the run wrote."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from .files import read_json
 from .params import processes, run_device_type, run_files, training_args
 from .trainer import check_run
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+PACKAGE = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -30,12 +31,20 @@ class PlannedRun:
 
 
 def training_command(args: list[str], nproc: int = 1) -> list[str]:
-    """The one place that says how a run is launched: train.py in a fresh process, or in
-    nproc processes through torchrun (data-parallel, see neuromanifold_gpt/distributed.py)."""
+    """The one place that says how a run is launched: this package's trainer
+    (`python -m neuromanifold_gpt`, by the interpreter running this one) in a fresh process, or
+    in nproc processes through torchrun (data-parallel, see neuromanifold_gpt/distributed.py)."""
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", str(TRAIN_SCRIPT), *args]
-    return [sys.executable, str(TRAIN_SCRIPT), *args]
+                f"--nproc_per_node={nproc}", "-m", PACKAGE.name, *args]
+    return [sys.executable, "-m", PACKAGE.name, *args]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a launched run: this one, with this package's folder first on the
+    module path, so the child runs the same copy whatever its working directory."""
+    path = [str(PACKAGE.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def plan_run(params: dict, size: str, run: str, root: str | Path = ".",
@@ -58,7 +67,7 @@ def run_training(run: PlannedRun) -> int:
     run.log.parent.mkdir(parents=True, exist_ok=True)
     with open(run.log, "w") as log, subprocess.Popen(
             run.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            bufsize=1) as proc:
+            bufsize=1, env=child_env()) as proc:
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)

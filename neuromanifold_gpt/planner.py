@@ -23,7 +23,7 @@ from .checkpointing import checkpointed_layers
 from .config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig, check_rules
 from .distributed import DistInfo
 from .errors import BadInput
-from .predictor import MemoryPrediction, predict
+from .predictor import MemoryPrediction, n_params, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type. CUDA:
 # the allocator reserves a little more than it allocates and kernels loaded after the start
@@ -94,6 +94,17 @@ class Plan:
         return checkpointed_layers(self.model, self.checkpoint)
 
     @property
+    def policy(self) -> str:
+        """What is recomputed: a policy's name, or none."""
+        return self.checkpoint.checkpoint_policy if self.model.gradient_checkpointing else "none"
+
+    @property
+    def layer_policies(self) -> list[str]:
+        """Each block's policy: the plan's for the checkpointed blocks, none for the rest."""
+        layers = set(self.layers)
+        return [self.policy if i in layers else "none" for i in range(self.model.n_layer)]
+
+    @property
     def micro_steps(self) -> int:
         """Micro-steps per optimizer step on this rank."""
         return self.accumulation // self.dist.world_size
@@ -127,11 +138,6 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _n_params(mc: NeuroManifoldConfig) -> int:
-    """The weights of the model's matmuls and embedding: enough to decide whether compile pays."""
-    return mc.n_layer * 12 * mc.n_embd ** 2 + mc.padded_vocab_size * mc.n_embd
-
-
 def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.dtype,
             dist: DistInfo | None = None) -> Plan:
     """The plan cfg asks for on this device, with compile, its unit, CUDA graphs and the lean
@@ -143,7 +149,7 @@ def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torc
     mc = cfg.model_config(vocab_size, T)
     compile = cfg.compile.enable
     if compile is None:
-        compile = cuda and _n_params(mc) >= COMPILE_MIN_PARAMS
+        compile = cuda and n_params(mc) >= COMPILE_MIN_PARAMS
     lean = cfg.memory_levers.lean_loss
     if lean is None:
         lean = cuda and vocab_size >= LEAN_MIN_VOCAB

@@ -96,6 +96,12 @@ def param_shapes(mc) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     return layer, root
 
 
+def n_params(mc) -> int:
+    """The model's parameters, counted from their shapes."""
+    layer, root = param_shapes(mc)
+    return mc.n_layer * sum(math.prod(s) for s in layer) + sum(math.prod(s) for s in root)
+
+
 def shard_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
     """Elements of rank 0's FSDP2 shards: each tensor is split along dim 0 into world_size
     chunks of ceil(dim0 / world_size) rows (the last ones shorter), and rank 0 has a full one."""
@@ -132,14 +138,11 @@ def predict(plan: Plan, batch_size: int | None = None) -> MemoryPrediction:
     small = 4 * N * H + 16 * N  # attention log-sum-exp, LayerNorm mean and rstd
 
     ckpt = set(plan.layers)
-    policy = plan.checkpoint.checkpoint_policy
+    policies = plan.layer_policies
     full = _kept_per_layer("none", compiled, a, dropout) * NC + small \
         + _weight_copies("none", compiled, a) * C * C * a
-    kept = []
-    for i in range(L):
-        p = policy if i in ckpt else "none"
-        kept.append(_kept_per_layer(p, compiled, a, dropout) * NC + small
-                    + _weight_copies(p, compiled, a) * C * C * a)
+    kept = [_kept_per_layer(p, compiled, a, dropout) * NC + small + _weight_copies(p, compiled, a) * C * C * a
+            for p in policies]
     levers = plan.levers
     offload = levers.offload_activations
     if levers.activation_memory_budget < 1.0 and compiled:
@@ -155,7 +158,7 @@ def predict(plan: Plan, batch_size: int | None = None) -> MemoryPrediction:
     # eager autocast caches the compute-dtype casts of the weights for the whole forward;
     # the layers that keep theirs for backward count them in `kept` already
     casts = 0 if (compiled or a == FP32) else a * C * C * sum(
-        12 - _weight_copies(policy if i in ckpt else "none", compiled, a) for i in range(L))
+        12 - _weight_copies(p, compiled, a) for p in policies)
 
     # the loss: plain eager keeps the (N, V) fp32 log-softmax, its backward needs three of
     # those; compiled, it keeps the logits in the compute dtype, and its backward writes their

@@ -91,7 +91,7 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         "preset": cfg.model.preset,
         "params": t.model.num_params(),
         "gradient_checkpointing": mc.gradient_checkpointing,
-        "policy": t.plan.checkpoint.checkpoint_policy if mc.gradient_checkpointing else "none",
+        "policy": t.plan.policy,
         "checkpointed_blocks": len(t.plan.layers),
         "batch_size": t.batch_size,
         "block_size": t.block_size,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from neuromanifold_gpt import provenance
 from neuromanifold_gpt.verify import compare
@@ -40,36 +41,35 @@ def test_a_params_only_change_still_compares():
 
 @pytest.fixture
 def checkout(tmp_path):
-    """dvc.yaml and every file its training stages read, in a fresh directory."""
-    shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    for path in provenance.code_files(ROOT):
-        dest = tmp_path / path.relative_to(ROOT)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest)
+    """A copy of the package in a fresh directory, beside a file that is not its code."""
+    shutil.copytree(ROOT / "neuromanifold_gpt", tmp_path / "neuromanifold_gpt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "README.md").write_text("readme\n")
     return tmp_path
 
 
-def test_the_code_hash_covers_the_training_code_only(checkout):
-    names = {p.relative_to(checkout).as_posix() for p in provenance.code_files(checkout)}
-    assert {"train.py", "stages/train.py", "neuromanifold_gpt/trainer.py",
-            "neuromanifold_gpt/model/block.py", "neuromanifold_gpt/config/base.py"} <= names
-    assert not [n for n in names if n.startswith(("data/", "metrics/", "config/")) or "__pycache__" in n]
-    before = provenance.code_hash(checkout)
-    (checkout / "README.md").write_text("other\n")  # not training code
-    (checkout / "neuromanifold_gpt/model/__pycache__").mkdir()
-    (checkout / "neuromanifold_gpt/model/__pycache__/block.cpython-311.pyc").write_bytes(b"\0")
-    assert provenance.code_hash(checkout) == before
-    block = checkout / "neuromanifold_gpt/model/block.py"
+def test_the_code_hash_covers_the_package_only(checkout):
+    package = checkout / "neuromanifold_gpt"
+    names = {p.relative_to(package).as_posix() for p in provenance.code_files(package)}
+    assert {"trainer.py", "model/block.py", "config/base.py", "plan_costs.json"} <= names
+    assert not [n for n in names if "__pycache__" in n]
+    before = provenance.code_hash(package)
+    assert before == provenance.code_hash()  # the same files, wherever they sit
+    (checkout / "README.md").write_text("other\n")  # not the package's
+    (package / "model/__pycache__").mkdir()
+    (package / "model/__pycache__/block.cpython-311.pyc").write_bytes(b"\0")
+    assert provenance.code_hash(package) == before
+    block = package / "model/block.py"
     block.write_text(block.read_text() + "\n")
-    assert provenance.code_hash(checkout) != before
+    assert provenance.code_hash(package) != before
 
 
 def test_commit_and_dirty_flag_come_from_git_and_are_none_outside_it(checkout):
     cpu = torch.device("cpu")
-    outside = provenance.run_provenance(cpu, checkout)
+    package = checkout / "neuromanifold_gpt"
+    outside = provenance.run_provenance(cpu, package)
     assert outside["git_commit"] is None and outside["git_dirty"] is None
-    assert outside["code_hash"] == provenance.code_hash(checkout) and outside["cuda_version"] is None
+    assert outside["code_hash"] == provenance.code_hash(package) and outside["cuda_version"] is None
 
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=checkout,
@@ -78,13 +78,13 @@ def test_commit_and_dirty_flag_come_from_git_and_are_none_outside_it(checkout):
     git("init", "-q")
     git("add", "-A")
     git("commit", "-qm", "code")
-    clean = provenance.run_provenance(cpu, checkout)
+    clean = provenance.run_provenance(cpu, package)
     assert clean["git_commit"] == git("rev-parse", "HEAD") and clean["git_dirty"] is False
-    (checkout / "README.md").write_text("edited\n")  # not training code: still clean
-    assert provenance.run_provenance(cpu, checkout)["git_dirty"] is False
-    trainer = checkout / "neuromanifold_gpt/trainer.py"
+    (checkout / "README.md").write_text("edited\n")  # not the package: still clean
+    assert provenance.run_provenance(cpu, package)["git_dirty"] is False
+    trainer = package / "trainer.py"
     trainer.write_text(trainer.read_text() + "\n")
-    assert provenance.run_provenance(cpu, checkout)["git_dirty"] is True
+    assert provenance.run_provenance(cpu, package)["git_dirty"] is True
 
 
 def test_every_file_a_training_run_reads_is_a_dep_of_the_training_stages():
@@ -99,4 +99,7 @@ def test_every_file_a_training_run_reads_is_a_dep_of_the_training_stages():
     read = {Path(f).resolve() for f in json.loads(out)}
     ours = {f for f in read if ROOT in f.parents and f.is_file() and "site-packages" not in f.parts}
     assert Path(ROOT / "neuromanifold_gpt/trainer.py") in ours  # the probe saw the package
-    assert sorted(f.relative_to(ROOT).as_posix() for f in ours - set(provenance.code_files(ROOT))) == []
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    deps = [ROOT / d for d in stages["train_baseline"]["do"]["deps"] if "${" not in d]
+    listed = {f for d in deps for f in ([*d.rglob("*")] if d.is_dir() else [d])}
+    assert sorted(f.relative_to(ROOT).as_posix() for f in ours - listed) == []
