@@ -20,6 +20,7 @@ import torch
 
 from .config.base import TrainConfig
 from .errors import BadInput
+from .files import write_json
 from .predictor import MemoryPrediction, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type.
@@ -258,3 +259,12 @@ def load_costs(path: Path = COSTS_FILE) -> dict:
     """plan_costs.json: {"hardware": str, "step_ratio": {plan label: ratio}}."""
     with open(path) as f:
         return json.load(f)
+
+
+def write_costs(step_ms: dict[str, float], hardware: str, path: Path = COSTS_FILE) -> dict:
+    """plan_costs.json from each plan's measured step time: its ratio to the fastest plan's."""
+    fastest = min(step_ms.values())
+    costs = {"hardware": hardware,
+             "step_ratio": {label: round(ms / fastest, 3) for label, ms in step_ms.items()}}
+    write_json(path, costs)
+    return costs
