@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from neuromanifold_gpt.device import device_name
 from neuromanifold_gpt.errors import BadInput, entry_point
 from neuromanifold_gpt.files import atomic_path, write_json
-from neuromanifold_gpt.loss import IGNORE_INDEX, LOSS_KERNELS, linear_cross_entropy
+from neuromanifold_gpt.loss import IGNORE_INDEX, KERNELS, linear_cross_entropy
 
 from .reports import fmt
-from .rows import parse_chunks
+from .rows import LOSS_KERNELS, parse_chunks
 
 
 def kernels(quick: bool, loss_chunks: tuple[int, ...]) -> dict:
@@ -41,7 +41,7 @@ def kernels(quick: bool, loss_chunks: tuple[int, ...]) -> dict:
     for c in loss_chunks:  # the chunk's size against its count (our default: CHUNK_BYTES)
         out[f"ours, {c} tokens a chunk"] = functools.partial(linear_cross_entropy, chunk=c)
     if not quick:
-        out.update({name.replace("_", " "): fn for name, fn in LOSS_KERNELS.items() if name != "chunked"})
+        out.update({name: KERNELS[kernel] for name, kernel in LOSS_KERNELS.items()})
     return out
 
 

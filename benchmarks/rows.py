@@ -22,6 +22,7 @@ from neuromanifold_gpt import build_model
 from neuromanifold_gpt.config.base import PRESETS, TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.errors import BadInput, TrainingOOM
+from neuromanifold_gpt.loss import KERNELS
 from neuromanifold_gpt.memory import MemoryMonitorCallback, measure
 from neuromanifold_gpt.optim import make_optimizer
 from neuromanifold_gpt.planner import PLANS
@@ -31,9 +32,9 @@ VOCAB = {"shakespeare_char": 65, "gpt2": 50257, "gpt2-medium": 50257}
 REFERENCE = "reference"  # whole-model compile, plain loss, no checkpointing
 QUICK = {"tiny": (2, 32)}  # --quick: a tiny model on the CPU, (batch, block)
 
-# A row's variant: the config fields it sets beside its plan's. The library kernels are not
-# what the predictor models: their rows predict nothing.
-LOSS_KERNELS = {"cce": "cce", "cce filtered": "cce_filtered", "liger": "liger"}
+# A row's variant: the config fields it sets beside its plan's. The libraries' loss kernels,
+# by the names the rows give them, are not what the predictor models: their rows predict nothing.
+LOSS_KERNELS = {name.replace("_", " "): name for name in KERNELS if name != "chunked"}
 VARIANTS = {
     **{name: dict(loss_kernel=kernel) for name, kernel in LOSS_KERNELS.items()},
     # a lean plan's whole model compiled, not block by block, replayed as CUDA graphs on
@@ -55,9 +56,19 @@ def variant_fields(variant: str | None) -> dict:
 
 
 def row_settings(fields: dict, compile: bool) -> dict:
-    # optimizer_in_backward steps before a global norm exists: such rows train unclipped
+    """A plan's row: its fields, compiled or not; a plan that steps in backward is measured as it
+    can run, unclipped (there is no global gradient norm before its steps)."""
     clip = dict(grad_clip=0.0) if fields.get("optimizer_in_backward") else {}
     return dict(fields, compile=compile, **clip)
+
+
+def runs(overrides: dict) -> bool:
+    """Whether the library runs a row: its config passes the cross-field rules."""
+    try:
+        TrainConfig.from_flags(**overrides)
+    except BadInput:
+        return False
+    return True
 
 
 def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
@@ -66,7 +77,7 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
     (but for the plans that offload or step in backward; none +lean and block +lean under every
     variant), and the plain and block plans without CUDA graphs."""
     eager = [(f"eager {label}", row_settings(kw, False), None) for label, kw in PLANS
-             if "activation_memory_budget" not in kw]
+             if runs(row_settings(kw, False))]
     if quick:
         return eager
     compiled = []
@@ -230,8 +241,9 @@ def run_whole(preset: str, overrides: dict, data_dir: str, steps: int, shape,
     vocab = VOCAB.get(preset, 65)
     model = build_model(cfg.model_config(vocab, T)).to(device)
     model.compile()
-    optimizer = make_optimizer(model, cfg, device)
-    step = plain_step(lambda x: model(x, x)[1], model, optimizer, vocab, shape, device, cfg.grad_clip)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.memory_levers, device)
+    step = plain_step(lambda x: model(x, x)[1], model, optimizer, vocab, shape, device,
+                      cfg.optimizer.grad_clip)
     return dict(timed_steps(step, steps, B * T, device, callbacks), compile=True)
 
 

@@ -13,7 +13,8 @@ from benchmarks import bench, loss_kernels, plan_costs, plans, profile, reports,
 from neuromanifold_gpt import loss
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
-from neuromanifold_gpt.planner import PLANS, load_costs
+from neuromanifold_gpt.planner import PLANS, load_costs, resolve
+from neuromanifold_gpt.predictor import predict
 from tests.conftest import one_line_error
 
 
@@ -46,7 +47,13 @@ def test_bench_runs_the_lean_rows_at_the_chunk_sizes_asked_for(tmp_path):
     assert chunked["variant"] == "8 tokens a chunk" and len(chunked["step_ms_runs"]) == 1
     # the row is a config field, and its prediction counts its own chunk
     assert rows.variant_fields("8 tokens a chunk") == dict(loss_chunk_tokens=8)
-    assert chunked["predicted_gb"] < by_label["eager none +lean"]["predicted_gb"]
+
+    def loss_phase_gb(variant):
+        cfg = rows.bench_config("tiny", str(tmp_path), 1, (2, 32),
+                                dict(lean_loss=True, **rows.variant_fields(variant)))
+        return predict(resolve(cfg, 65, torch.device("cpu"), torch.float32)).phases["loss"]
+
+    assert loss_phase_gb("8 tokens a chunk") < loss_phase_gb(None)
     # a chunk row can be named by itself
     assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path / "named"), "--exact",
                        "--only", "eager block +lean (16 tokens a chunk)", "--loss_chunks", "16"]) == 0
@@ -60,10 +67,10 @@ def test_every_row_is_a_config_the_library_accepts(tmp_path, quick):
     jobs = rows.bench_jobs("tiny" if quick else "gpt2", quick, have_hf=False, loss_chunks=(512,))
     variants = {variant for _, _, _, variant in jobs}
     assert variants == ({None, "512 tokens a chunk"} | (set() if quick else set(rows.VARIANTS)))
-    for impl, label, kw, variant in jobs:
+    for _, label, kw, variant in jobs:
         cfg = rows.bench_config("tiny" if quick else "gpt2", str(tmp_path), 1, (2, 32), kw)
-        assert cfg.eval_iters == 0, label  # no evaluation: it measures nothing here
         flat = cfg.to_dict()
+        assert flat["eval_iters"] == 0, label  # no evaluation: it measures nothing here
         assert all(flat[k] == v for k, v in {**kw, **rows.variant_fields(variant)}.items()), label
 
 
@@ -260,17 +267,27 @@ def test_profile_sorts_the_device_time_by_kernel_kind(tmp_path):
 def test_bench_runs_each_lean_plan_under_the_compile_units_it_does_not_use():
     """`(whole model)` for every lean plan that keeps its activations on the device and steps
     after backward, which compile block by block with CUDA graphs; `(no cuda graphs)` for none
-    +lean and block +lean, and for none and block, whose whole model replays as CUDA graphs."""
+    +lean and block +lean, and for none and block, whose whole model replays as CUDA graphs.
+    Each is a config field that the library's plan follows."""
     variants = {label: (kw, variant) for label, kw, variant in rows.our_rows(quick=False)}
-    for plan in ("none +lean", "attention +lean", "mlp +lean", "selective +lean", "block +lean",
+
+    def plan(label):  # what the library would do with the row's config on a GPU
+        cfg = TrainConfig.from_flags(preset="gpt2", **variants[label][0])
+        return resolve(cfg, 50257, torch.device("cuda"), torch.bfloat16)
+
+    for name in ("none +lean", "attention +lean", "mlp +lean", "selective +lean", "block +lean",
                  "block/2 +lean", "none +lean budget 0.5"):
-        kw, variant = variants[f"compiled {plan} (whole model)"]
-        assert variant == "whole model" and kw["compile_unit"] == "model"
+        assert variants[f"compiled {name} (whole model)"][1] == "whole model"
+        blocks, whole = plan(f"compiled {name}"), plan(f"compiled {name} (whole model)")
+        assert (blocks.compile_unit, blocks.cuda_graphs) == ("block", True)
+        assert (whole.compile_unit, whole.cuda_graphs) == ("model", True)
     assert not [label for label in variants if "offload" in label and "(" in label]
-    for plan in ("none +lean", "block +lean", "none", "block"):
-        kw, variant = variants[f"compiled {plan} (no cuda graphs)"]
-        assert variant == "no cuda graphs" and kw["cuda_graphs"] is False
+    for name in ("none +lean", "block +lean", "none", "block"):
+        assert variants[f"compiled {name} (no cuda graphs)"][1] == "no cuda graphs"
+        graphs, launched = plan(f"compiled {name}"), plan(f"compiled {name} (no cuda graphs)")
+        assert graphs.cuda_graphs and not launched.cuda_graphs
+        assert graphs.compile_unit == launched.compile_unit == ("block" if "lean" in name else "model")
     for name in ("cce", "cce filtered", "liger"):
-        kw, variant = variants[f"compiled block +lean ({name})"]
-        assert variant == name and kw["loss_kernel"] == name.replace(" ", "_")
-    assert TrainConfig.from_flags(**variants["compiled block +lean (cce)"][0]).loss_kernel == "cce"
+        assert variants[f"compiled block +lean ({name})"][1] == name
+        assert plan(f"compiled block +lean ({name})").levers.loss_kernel == name.replace(" ", "_")
+    assert plan("compiled block +lean").levers.loss_kernel == "chunked"
