@@ -44,10 +44,10 @@ from .reports import merge_repeats, read_reports, report
 from .rows import (
     CHUNK_VARIANT,
     bench_jobs,
-    have_transformers,
     machine,
     parse_chunks,
     run_row,
+    transformers_version,
     write_bench_data,
 )
 
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         report(out, meta, rows)
         return 0
     device, shapes = machine(args.quick, args.presets)
-    have_hf = have_transformers()
+    hf_version = transformers_version()
+    have_hf = hf_version is not None
     jobs = select(args, shapes, have_hf)
     if args.snapshot and device.type != "cuda":
         raise BadInput("--snapshot records the CUDA allocator's history; run it on a GPU")
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(device), torch_version=torch.__version__, steps=args.steps,
                 repeat=args.repeat,
-                transformers_version=__import__("transformers").__version__ if have_hf else None)
+                transformers_version=hf_version)
     runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as data_dir:
         for preset, shape in shapes.items():

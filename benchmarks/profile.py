@@ -25,7 +25,7 @@ from neuromanifold_gpt.errors import BadInput, entry_point
 from neuromanifold_gpt.files import atomic_path
 from neuromanifold_gpt.planner import use_expandable_segments
 
-from .rows import bench_jobs, have_transformers, machine, parse_chunks, run_row, write_bench_data
+from .rows import bench_jobs, machine, parse_chunks, run_row, transformers_version, write_bench_data
 
 # Where a CUDA kernel's time goes, by its name (first match wins)
 KERNEL_KINDS = [
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         raise BadInput("--profile_steps must be at least 1")
     chunks = parse_chunks(args.loss_chunks)
     device, shapes = machine(args.quick, args.presets)
-    have_hf = have_transformers()
+    have_hf = transformers_version() is not None
     jobs = {preset: [job for job in bench_jobs(preset, args.quick, have_hf, ",".join(labels), True,
                                                chunks) if job[1] in labels]
             for preset in shapes}

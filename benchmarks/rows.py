@@ -141,12 +141,13 @@ def machine(quick: bool, presets: str) -> tuple[torch.device, dict[str, tuple[in
     return torch.device("cuda"), {p: PRESETS[p]["cuda"] for p in presets.split(",")}
 
 
-def have_transformers() -> bool:
+def transformers_version() -> str | None:
+    """HuggingFace transformers' version, None where it is not installed (no HF rows then)."""
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
-        return False
-    return True
+        return None
+    return transformers.__version__
 
 
 def write_tokens(data_dir: str | Path, name: str, vocab: int, n_tokens: int) -> None:
