@@ -37,20 +37,21 @@ def peak_flops(device: torch.device, world_size: int) -> float | None:
     return peak * world_size if peak else None  # tokens per iteration are global: MFU per device
 
 
-def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) -> list[str]:
-    tokens = batch_size * block_size * cfg.gradient_accumulation_steps
-    mc = model.config
+def startup_report(plan, model) -> list[str]:
+    device, dtype, batch_size, block_size = plan.device, plan.dtype, plan.batch_size, plan.block_size
+    tokens = batch_size * block_size * plan.accumulation
+    mc, layers = model.config, plan.layers
     lines = [
         f"number of parameters: {model.num_params() / 1e6:.2f}M",
         f"device: {device_name(device)}, dtype: {str(dtype).replace('torch.', '')}"
         f"{' (autocast)' if device.type == 'cuda' and dtype != torch.float32 else ''}",
         f"tokens per iteration will be: {tokens:,} "
-        f"({cfg.gradient_accumulation_steps} x {batch_size} x {block_size})",
+        f"({plan.accumulation} x {batch_size} x {block_size})",
     ]
     if mc.gradient_checkpointing:
         which = "all" if len(layers) == mc.n_layer else ",".join(map(str, layers))
         lines.append(f"✓ Gradient checkpointing: ENABLED (policy: "
-                     f"{mc.activation_checkpoint.checkpoint_policy}, blocks: {which} of {mc.n_layer})")
+                     f"{plan.checkpoint.checkpoint_policy}, blocks: {which} of {mc.n_layer})")
     else:
         lines.append("✗ Gradient checkpointing: DISABLED")
     return lines
@@ -59,13 +60,12 @@ def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) ->
 def startup_lines(trainer) -> list[str]:
     """Everything printed once before the first step."""
     t = trainer
-    lines = startup_report(t.cfg, t.model, t.device, t.dtype, t.batch_size, t.block_size,
-                           t.layers) + t.setup.lines
-    if t.graphs:
+    lines = startup_report(t.plan, t.model) + t.report.lines
+    if t.plan.cuda_graphs:
         lines.append("CUDA graphs: the compiled code replays as graphs (one launch each)")
     if t.dist.parallelism != "none":
         lines.append(f"distributed: {t.dist.parallelism.upper()} over {t.dist.world_size} "
-                     f"rank(s), {t.cfg.gradient_accumulation_steps // t.dist.world_size} "
+                     f"rank(s), {t.plan.micro_steps} "
                      f"micro-step(s) of {t.batch_size} x {t.block_size} per rank per iteration")
     return lines
 
@@ -81,21 +81,21 @@ def format_log_line(r: dict) -> str:
 
 def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> dict:
     """The run's metrics file (plus `_losses`, the per-step losses, for the trace)."""
-    t, mc, cfg = trainer, trainer.model_config, trainer.cfg
-    levers = cfg.memory_levers
+    t, mc, cfg = trainer, trainer.plan.model, trainer.cfg
+    levers = t.plan.levers
     step = statistics.median(step_times) if step_times else None
     measured = bool(t.memory.trace)
     # every rank's (peak, reserved); the run's figure is the largest
     peaks = distributed.gather((t.memory.peak_gb, t.memory.peak_reserved_gb))
     return {
-        "preset": cfg.preset,
+        "preset": cfg.model.preset,
         "params": t.model.num_params(),
         "gradient_checkpointing": mc.gradient_checkpointing,
-        "policy": mc.activation_checkpoint.checkpoint_policy if mc.gradient_checkpointing else "none",
-        "checkpointed_blocks": len(t.layers),
+        "policy": t.plan.checkpoint.checkpoint_policy if mc.gradient_checkpointing else "none",
+        "checkpointed_blocks": len(t.plan.layers),
         "batch_size": t.batch_size,
         "block_size": t.block_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_accumulation_steps": t.plan.accumulation,
         "tokens_per_iter": tokens_per_iter,
         "iters": t.iter_num,
         "device": t.device.type,
@@ -108,13 +108,14 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         "peak_memory_gb_per_rank": [p for p, _ in peaks] if measured else None,
         "peak_reserved_gb": max(r for _, r in peaks) if measured else None,
         "peak_memory_source": t.memory.source,
-        "predicted_peak_gb": t.setup.prediction.peak_gb,
+        "predicted_peak_gb": t.report.prediction.peak_gb,
         # allocator peaks only: a CPU run measures the whole process's resident memory
-        "predicted/measured": t.setup.prediction.peak_gb / max(p for p, _ in peaks)
+        "predicted/measured": t.report.prediction.peak_gb / max(p for p, _ in peaks)
         if measured and t.device.type == "cuda" else None,
-        "recommended_batch_size": t.setup.recommended,
-        "compile": t.compile,
-        "cuda_graphs": t.graphs,
+        "recommended_batch_size": t.report.recommended,
+        "compile": t.plan.compile,
+        "compile_unit": t.plan.compile_unit,
+        "cuda_graphs": t.plan.cuda_graphs,
         "lean_loss": levers.lean_loss,
         "offload_activations": levers.offload_activations,
         "optimizer_in_backward": levers.optimizer_in_backward,
@@ -134,14 +135,14 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
 def oom_record(trainer, error: Exception) -> tuple[dict, str]:
     """After a CUDA out-of-memory: the run's metrics (oom: true) and the one-line advice."""
     t = trainer
-    b, advice = planner.oom_advice(t.setup, t.batch_size)
-    metrics = {"preset": t.cfg.preset, "oom": True, "error": str(error).splitlines()[0],
+    b, advice = planner.oom_advice(t.report, t.batch_size)
+    metrics = {"preset": t.cfg.model.preset, "oom": True, "error": str(error).splitlines()[0],
                "batch_size": t.batch_size, "block_size": t.block_size,
-               "predicted_peak_gb": t.setup.prediction.peak_gb,
+               "predicted_peak_gb": t.report.prediction.peak_gb,
                "device_memory_gb": t.device_gb, "recommended_batch_size": b,
                "device_name": device_name(t.device), **run_provenance(t.device)}
     message = (f"batch_size {t.batch_size} x {t.block_size} needs about "
-               f"{t.setup.prediction.peak_gb:.1f} GiB (predicted); the device has "
+               f"{t.report.prediction.peak_gb:.1f} GiB (predicted); the device has "
                f"{t.device_gb:.1f} GiB ({t.free_gb:.1f} GiB free at start); use {advice}")
     return metrics, message
 
@@ -149,9 +150,9 @@ def oom_record(trainer, error: Exception) -> tuple[dict, str]:
 def nonfinite_record(trainer, error: Exception) -> dict:
     """After the loss became NaN or infinite: the run's metrics, saying at which step."""
     t = trainer
-    return {"preset": t.cfg.preset, "oom": False, "nonfinite_loss": True,
+    return {"preset": t.cfg.model.preset, "oom": False, "nonfinite_loss": True,
             "nonfinite_step": t.iter_num, "error": str(error), "batch_size": t.batch_size,
-            "block_size": t.block_size, "learning_rate": t.cfg.learning_rate,
+            "block_size": t.block_size, "learning_rate": t.cfg.optimizer.learning_rate,
             "device": t.device.type, "device_name": device_name(t.device),
             **run_provenance(t.device)}
 
@@ -159,7 +160,7 @@ def nonfinite_record(trainer, error: Exception) -> dict:
 def write_run_files(cfg: TrainConfig, metrics: dict, trace_rows: list[tuple]) -> None:
     """memory_trace_file and then metrics_file, each when set: a metrics file means the run
     ended and everything it wrote is complete."""
-    if cfg.memory_trace_file:
-        write_tsv(cfg.memory_trace_file, TRACE_HEADER, trace_rows)
-    if cfg.metrics_file:
-        write_json(cfg.metrics_file, metrics)
+    if cfg.evaluation.memory_trace_file:
+        write_tsv(cfg.evaluation.memory_trace_file, TRACE_HEADER, trace_rows)
+    if cfg.evaluation.metrics_file:
+        write_json(cfg.evaluation.metrics_file, metrics)
