@@ -2,7 +2,6 @@
 the startup report, the metrics, and the out-of-memory exit."""
 
 import json
-from unittest import mock
 
 import numpy as np
 import pytest
