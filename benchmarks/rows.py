@@ -91,8 +91,8 @@ def our_rows(quick: bool) -> list[tuple[str, dict, str | None]]:
             variants = ["no cuda graphs"]
         else:
             variants = []
-        compiled += [(f"compiled {label} ({variant})", dict(row_settings(kw, True), **VARIANTS[variant]),
-                      variant) for variant in variants]
+        compiled += [(f"compiled {label} ({v})", dict(row_settings(kw, True), **variant_fields(v)), v)
+                     for v in variants]
     return eager + compiled
 
 
