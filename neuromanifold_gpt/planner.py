@@ -23,6 +23,7 @@ from .checkpointing import checkpointed_layers
 from .config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig, check_rules
 from .distributed import DistInfo
 from .errors import BadInput
+from .files import write_json
 from .predictor import MemoryPrediction, n_params, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type. CUDA:
@@ -336,3 +337,12 @@ def load_costs(path: Path = COSTS_FILE) -> dict:
     """plan_costs.json: {"hardware": str, "step_ratio": {plan label: ratio}}."""
     with open(path) as f:
         return json.load(f)
+
+
+def write_costs(step_ms: dict[str, float], hardware: str, path: Path = COSTS_FILE) -> dict:
+    """plan_costs.json from each plan's measured step time: its ratio to the fastest plan's."""
+    fastest = min(step_ms.values())
+    costs = {"hardware": hardware,
+             "step_ratio": {label: round(ms / fastest, 3) for label, ms in step_ms.items()}}
+    write_json(path, costs)
+    return costs

@@ -1,6 +1,6 @@
 """Static PNG plots of the memory figures, for readers without DVC's HTML plots (whose page
 loads vega from a CDN): the pipeline's peak memory per step, memory within one step, peak
-memory against step time, and bench.py's peak memory against step time per configuration.
+memory against step time, and the bench's peak memory against step time per configuration.
 
 matplotlib's object API renders through Agg here, so no display and no global backend."""
 
@@ -121,7 +121,7 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def plot_bench(rows: list[dict], path: str | Path) -> None:
-    """bench.py's rows: peak memory against step time per preset, with the Pareto front."""
+    """The bench's rows: peak memory against step time per preset, with the Pareto front."""
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     fig = Figure(figsize=(6 * len(presets), 4.5), layout="constrained")
     for ax, preset in zip(fig.subplots(1, len(presets), squeeze=False)[0], presets, strict=True):
