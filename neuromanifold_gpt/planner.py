@@ -20,7 +20,7 @@ import torch
 
 from .config.base import TrainConfig
 from .errors import BadInput
-from .predictor import MemoryPrediction, predict
+from .predictor import MemoryPrediction, check_states_fit, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type.
 # CUDA: with expandable segments the allocator reserved at most 1.01x what it allocated at
@@ -198,6 +198,7 @@ class Planner:
 
     def setup(self, cfg: TrainConfig, free_gb: float, device_gb: float) -> Setup:
         """Fill in what cfg leaves to the machine; the report says what was chosen."""
+        check_states_fit(cfg, self.vocab_size, self.device_type, device_gb, self.world_size)
         lines = []
         resolved = resolve_auto(cfg, self.vocab_size, self.device_type)
         limit = HEADROOM[self.device_type] * free_gb

@@ -275,13 +275,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         callbacks = [*(callbacks or []), StepTimelineCallback(cfg.memory_timeline_file)]
     outputs = run_outputs(cfg)
     check_outputs(outputs)
-    for path in filter(None, outputs.values()):
-        sweep_stale_temps(path)  # left by a run killed mid-write
     trainer = None
     try:
         trainer = Trainer(cfg, callbacks, quiet)
         try:
             trainer.build()
+            sweep_stale_temps(*filter(None, outputs.values()))  # inputs valid: a dead writer's
             metrics = trainer.run()
         except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
             record, message = reporting.oom_record(trainer, e)
