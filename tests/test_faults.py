@@ -552,6 +552,21 @@ def test_bad_input_under_torchrun_is_refused_before_any_process_starts(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_torchrun_launch_ends_with_the_failed_ranks_line_and_exit_code(data_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A bad input that only the ranks can see (the model's size against the device): torchrun
+    alone would print a ChildFailedError traceback after it and exit 1."""
+    from neuromanifold_gpt.launch import plan_run, run_training
+
+    monkeypatch.chdir(ROOT)
+    run = plan_run(torchrun_params(data_dir, 2), "tiny", "checkpointed", tmp_path,
+                   ["--n_embd", "1048576"])
+    assert run_training(run) == 2
+    out = capsys.readouterr().out
+    assert out == run.log.read_text() and "Traceback" not in out
+    assert out.splitlines()[-1].startswith("error: the model can never fit")
+
+
 @pytest.mark.parametrize("where", ["callback", "forward"])
 def test_an_oom_on_one_rank_ends_every_rank_at_once_with_exit_3(where, tiny_args, tmp_path):
     """Rank 1 runs out of memory at step 2: after the step (the ranks agree, rank 0 writes the
