@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         trainer = Trainer(cfg, callbacks, quiet)
         try:
             trainer.build()
-            sweep_stale_temps(*filter(None, outputs.values()))  # inputs valid: a dead writer's
+            sweep_stale_temps(*filter(None, outputs.values()))  # once every input is valid
             metrics = trainer.run()
         except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
             record, message = reporting.oom_record(trainer, e)
