@@ -1,12 +1,17 @@
-"""Launching training runs: each in a fresh train.py process (on CPU a run's peak is its
-process's peak RSS), or in several through torchrun. The DVC train stage and
-verify_gradient_checkpointing.py both plan their runs with `plan_run`, so both make the same
-runs, and both get train.py's exit codes even through torchrun (which exits 1 for any failed
-rank): settings are checked here before any process starts, and an out-of-memory or a
-diverged loss is read from the metrics the run wrote."""
+"""Launching training runs: each in a fresh process of this package's trainer
+(`python -m neuromanifold_gpt`, what train.py runs), or in several through torchrun. The DVC
+train stage and verify_gradient_checkpointing.py both plan their runs with `plan_run`, so both make the same
+runs, and both get train.py's exit codes even through torchrun: settings are checked here
+before any process starts, torchrun runs under `torchrun` below (the first failed rank's exit
+code, and its `error:` line the last one printed), and an out-of-memory or a diverged loss is
+read from the metrics the run wrote.
+
+    python3 -m neuromanifold_gpt.launch --standalone --nproc_per_node=2 -m neuromanifold_gpt ...
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -25,7 +30,7 @@ PACKAGE = Path(__file__).resolve().parent
 
 @dataclass
 class PlannedRun:
-    command: list[str]  # train.py, or torchrun over train.py
+    command: list[str]  # the trainer, or torchrun over it
     log: Path  # the run's output, kept
     metrics: Path  # the metrics file train.py writes (oom / nonfinite_loss records too)
 
@@ -35,8 +40,8 @@ def training_command(args: list[str], nproc: int = 1) -> list[str]:
     (`python -m neuromanifold_gpt`, by the interpreter running this one) in a fresh process, or
     in nproc processes through torchrun (data-parallel, see neuromanifold_gpt/distributed.py)."""
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", "-m", PACKAGE.name, *args]
+        return [sys.executable, "-m", __name__, "--standalone", f"--nproc_per_node={nproc}",
+                "-m", PACKAGE.name, *args]
     return [sys.executable, "-m", PACKAGE.name, *args]
 
 
@@ -94,3 +99,24 @@ def _status(returncode: int, metrics: Path, started_ns: int) -> int:
     if record.get("nonfinite_loss") is True:
         return EXIT_NON_FINITE
     return returncode
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun with argv, ending as one train.py process ends: with the exit code of the first
+    rank that failed, its `error:` line the last thing printed. torchrun itself exits 1 for
+    any failed rank, after a log line and a ChildFailedError traceback of its own."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    # the failed rank's log line and the closing signals sent to the others
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        main(argv)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if 0 < code < 256 else 128 - code if code < 0 else 1  # -N: killed by signal N
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun(sys.argv[1:]))

@@ -24,7 +24,7 @@ from .config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig
 from .distributed import DistInfo
 from .errors import BadInput
 from .files import write_json
-from .predictor import MemoryPrediction, n_params, predict
+from .predictor import MemoryPrediction, check_states_fit, n_params, predict
 
 # The share of the memory free at start that the predicted peak may use, per device type. CUDA:
 # the allocator reserves a little more than it allocates and kernels loaded after the start
@@ -275,6 +275,7 @@ def make_plan(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: to
               dist: DistInfo, free_gb: float, device_gb: float) -> tuple[Plan, PlanReport]:
     """The run's plan on this machine, and the report of how it was chosen."""
     plan = resolve(cfg, vocab_size, device, dtype, dist)
+    check_states_fit(plan, device_gb)
     lines = []
     limit = HEADROOM[device.type] * free_gb
     budget = cfg.data.memory_budget_gb

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import BadInput
 from .loss import chunk_tokens
 from .memory import GIB
 
@@ -108,6 +109,14 @@ def shard_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
     return sum(-(-s[0] // world_size) * math.prod(s[1:]) for s in shapes)
 
 
+def held_params(mc, fsdp: bool, world_size: int) -> int:
+    """A rank's share of the parameters: all of them, or its FSDP2 shard of each."""
+    if not fsdp:
+        return n_params(mc)
+    layer, root = param_shapes(mc)
+    return mc.n_layer * shard_numel(layer, world_size) + shard_numel(root, world_size)
+
+
 def predict(plan: Plan, batch_size: int | None = None) -> MemoryPrediction:
     """Predicted peak allocated memory of one training step of `plan` on one rank (batch_size
     overrides the plan's, for the batch-size search)."""
@@ -125,11 +134,8 @@ def predict(plan: Plan, batch_size: int | None = None) -> MemoryPrediction:
     layer_shapes, root_shapes = param_shapes(mc)
     n_layer_params = sum(math.prod(s) for s in layer_shapes)
     n_root_params = sum(math.prod(s) for s in root_shapes)
-    n_params = L * n_layer_params + n_root_params
     fsdp = plan.dist.parallelism == "fsdp" and world_size > 1
-    # a rank's share of the weights: all of them, or its FSDP2 shard of each
-    held = (L * shard_numel(layer_shapes, world_size) + shard_numel(root_shapes, world_size)
-            if fsdp else n_params)
+    held = held_params(mc, fsdp, world_size)
     params, adamw = FP32 * held, 2 * FP32 * held
     # FSDP2 keeps the root unsharded through the step and gathers two blocks at a time
     in_flight = FP32 * (n_root_params + 2 * n_layer_params) if fsdp else 0
@@ -213,6 +219,29 @@ def predict(plan: Plan, batch_size: int | None = None) -> MemoryPrediction:
                             breakdown=breakdown, kept_per_layer_gb=sum(kept) / L / GIB,
                             batch_size=B, block_size=T,
                             phases={k: v / GIB for k, v in totals.items()})
+
+
+def check_states_fit(plan: Plan, device_gb: float) -> None:
+    """Refuse, before anything is allocated, a model whose fp32 weights, gradients (none with
+    the optimizer in backward) and AdamW states alone, as one rank holds them, exceed the
+    device's whole memory (CPU: the machine's RAM): no batch, plan or lever makes it fit. A run
+    that merely may not fit still tries. Counted without `predict`, whose work grows with
+    n_layer."""
+    world_size, device_type = plan.dist.world_size, plan.device.type
+    held = held_params(plan.model, plan.dist.parallelism == "fsdp" and world_size > 1, world_size)
+    need = FP32 * (3 if plan.levers.optimizer_in_backward else 4) * held
+    if need <= device_gb * GIB:
+        return
+    try:  # a size past a float's range is still refused
+        size = f"{need / GIB:,.1f} GiB (predicted, {held / 1e9:,.1f}B parameters)"
+    except OverflowError:
+        size = "more GiB than a float can count"
+    fix = "use a smaller model (n_layer, n_embd) or vocabulary"
+    if device_type == "cuda":
+        fix += ", or shard it over more GPUs (torchrun with --fsdp true)"
+    raise BadInput(f"the model can never fit: its weights, gradients and AdamW states alone need "
+                     f"{size}, and the {device_type} has {device_gb:,.1f} GiB of "
+                     f"{'RAM' if device_type == 'cpu' else 'memory'} in all; {fix}")
 
 
 def device_memory_gb(device: torch.device) -> tuple[float, float]:

@@ -1,6 +1,7 @@
 """Snapshots for init_from=resume: model and optimizer state (full, unsharded), the step and
 every rank's RNG state (each rank has its own data stream and dropout masks), in one file
-read back with weights_only=True. A file that is not such a snapshot is one clear error."""
+read back with weights_only=True. A file that is not such a snapshot, or holds values no run
+writes (a negative step, a non-finite weight), is one clear error."""
 
 from __future__ import annotations
 
@@ -47,12 +48,23 @@ def _unreadable(path: Path, why: str) -> BadInput:
                       f"or use --init_from scratch")
 
 
-def _read(path: Path) -> dict:
+def _largest(model) -> int:
+    """Bytes a snapshot of `model` can hold at most: the weights and AdamW's two moments, with
+    room for the RNG states and the config."""
+    return 4 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2**26
+
+
+def _read(path: Path, largest: int) -> dict:
     if not path.is_file():
         raise BadInput(f"init_from=resume but {path} does not exist; train with "
                          f"--save_snapshot true first or use --init_from scratch")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise _unreadable(path, "is empty")
+    if size > largest:
+        raise BadInput(f"snapshot {path} is {size:,} bytes, more than a snapshot of this model "
+                         f"can be ({largest:,}); resume with the settings it was saved with, or "
+                         f"use --init_from scratch")
     try:
         with warnings.catch_warnings():  # torch warns about files it is about to refuse
             warnings.simplefilter("ignore")
@@ -61,16 +73,57 @@ def _read(path: Path) -> dict:
         raise _unreadable(path, "is truncated or not a snapshot written by train.py") from None
     if not isinstance(state, dict) or not set(KEYS) <= set(state):
         raise _unreadable(path, "is not a snapshot written by train.py")
+    _check(path, state)
     return state
+
+
+def _tensors(value, depth: int = 4):
+    """(key, tensor) of every tensor in nested dicts and lists, at most `depth` levels down
+    (the optimizer's state is three); deeper nesting is no snapshot of ours."""
+    if depth == 0:
+        raise ValueError("nested deeper than a snapshot's")
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(item, torch.Tensor):
+            yield key, item
+        elif isinstance(item, (dict, list, tuple)):
+            yield from _tensors(item, depth - 1)
+
+
+def _check(path: Path, state: dict) -> None:
+    """The snapshot's values, each checked for type and range as save_snapshot writes them."""
+    config, model, iter_num, rng = state["config"], state["model"], state["iter_num"], state["rng"]
+    max_iters = config.get("max_iters") if isinstance(config, dict) else None
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise _unreadable(path, "holds no valid config (max_iters)")
+    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or not 0 <= iter_num <= max_iters:
+        raise _unreadable(path, f"holds step {iter_num!r}, not one in [0, {max_iters}] (its "
+                                f"max_iters)")
+    if not (isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in model.items())):
+        raise _unreadable(path, "holds no model state (names and tensors)")
+    if not (isinstance(rng, list) and rng and all(
+            isinstance(r, dict) and all(isinstance(r.get(k), torch.Tensor) for k in ("cpu", "data"))
+            for r in rng)):
+        raise _unreadable(path, "holds no RNG states")
+    if not isinstance(state["optimizer"], dict):
+        raise _unreadable(path, "holds no optimizer state")
+    try:
+        tensors = [*model.items(), *_tensors(state["optimizer"])]
+    except ValueError as e:
+        raise _unreadable(path, f"holds an optimizer state {e}") from None
+    for key, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _unreadable(path, f"holds a non-finite (NaN or infinite) {key}")
+        if key == "step" and bool((t < 0).any()):  # AdamW's count of steps taken
+            raise _unreadable(path, "holds a negative optimizer step")
 
 
 def load_snapshot(path: Path, model, optimizer, generator: torch.Generator, device: torch.device,
                   dist: DistInfo, config: dict) -> int:
     """Restore the state save_snapshot wrote; returns the step to resume from. `config` is
     this run's (TrainConfig.to_dict()), to name the settings a mismatched snapshot differs in."""
-    state = _read(path)
-    if not isinstance(state["rng"], list):
-        raise _unreadable(path, "is not a snapshot written by train.py")
+    state = _read(path, _largest(model))
     if len(state["rng"]) != dist.world_size:
         raise BadInput(f"{path} was written by {len(state['rng'])} process(es), "
                          f"this run has {dist.world_size}; resume with the same number "

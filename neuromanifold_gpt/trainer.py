@@ -285,13 +285,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         callbacks = [*(callbacks or []), StepTimelineCallback(timeline_file)]
     outputs = run_outputs(cfg)
     check_outputs(outputs)
-    for path in filter(None, outputs.values()):
-        sweep_stale_temps(path)  # left by a run killed mid-write
     trainer = None
     try:
         trainer = Trainer(cfg, *plan_run(cfg), callbacks, quiet)
         try:
             trainer.build()
+            sweep_stale_temps(*filter(None, outputs.values()))  # once every input is valid
             metrics = trainer.run()
         except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
             record, message = reporting.oom_record(trainer, e)

@@ -1,6 +1,7 @@
 """The nanoGPT-style CLI: overrides, types, and one clear line (exit 2) for every bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,30 @@ def test_real_process_exit_code_and_no_traceback():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_a_fifo_given_as_config_is_named_as_such(tmp_path, capsys):
+    fifo = tmp_path / "c.py"
+    os.mkfifo(fifo)
+    assert train.main(["--config", str(fifo)]) == 2
+    assert f"config file {fifo} is a FIFO, not a regular file" in one_line_error(capsys)
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read_as_python_reads_it(tmp_path):
+    config = tmp_path / "bom.py"
+    config.write_bytes(b"\xef\xbb\xbfmax_iters = 7\n")
+    exec(compile(config.read_bytes(), str(config), "exec"), namespace := {})  # Python accepts it
+    assert parse_args(["--config", str(config)]).optimizer.max_iters == namespace["max_iters"] == 7
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_iters = " + "-" * 5000 + "1\n", "nested too deeply to parse"),
+    ("max_iters = " + "(" * 5000 + "1" + ")" * 5000 + "\n", "too many nested parentheses"),
+    ("# padding\n" * (2**20 // 10 + 1), "more than the 1,048,576"),
+], ids=["5000 unary minuses", "5000 parentheses", "over the size limit"])
+def test_a_config_file_past_the_parsing_bounds_is_one_line(text, message, tmp_path, capsys):
+    config = tmp_path / "c.py"
+    config.write_text(text)
+    assert train.main(["--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert f"config file {config}" in err and message in err

@@ -152,7 +152,7 @@ def test_pipeline_runs_through_torchrun_above_one_process():
     assert processes(params, "cpu") == 1 and processes(params, "cuda") == 2
     args = training_args(params, "tiny", "baseline", "cuda", run_files("tiny", "baseline"))
     assert "--device=cpu" in args and not any(a.startswith("--nproc") for a in args)
-    assert training_command(args, 2)[1:7] == ["-m", "torch.distributed.run", "--standalone",
+    assert training_command(args, 2)[1:7] == ["-m", "neuromanifold_gpt.launch", "--standalone",
                                               "--nproc_per_node=2", "-m", "neuromanifold_gpt"]
     assert training_command(args, 1)[1:] == ["-m", "neuromanifold_gpt", *args]
     with pytest.raises(ValueError, match="train.nproc=0 must be a whole number"):

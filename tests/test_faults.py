@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -19,9 +20,11 @@ import pytest
 import torch
 
 import train
-from neuromanifold_gpt import files, memory, reporting, trainer
+from neuromanifold_gpt import files, memory, predictor, reporting, trainer
+from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.data import write_dataset
-from tests.conftest import ROOT, one_line_error
+from neuromanifold_gpt.errors import BadInput
+from tests.conftest import ROOT, TINY, one_line_error, plan_of
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -44,7 +47,7 @@ def test_an_old_meta_pkl_is_never_unpickled(tiny_args, dataset, tmp_path, capsys
     (dataset / "tiny" / "meta.pkl").write_bytes(pickle.dumps(Exploit(marker)))
     assert train.main(tiny_args + ["--data_dir", str(dataset), "--max_iters", "1"]) == 2
     err = one_line_error(capsys)
-    assert "meta.pkl" in err and "python3 -m neuromanifold_gpt.data tiny" in err
+    assert "meta.pkl" in err and "prepare the dataset again" in err
     assert not marker.exists()
 
 
@@ -177,6 +180,76 @@ def test_a_failed_write_publishes_nothing_and_the_old_file_stays(raised, expecte
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+def test_a_failed_write_removes_the_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="No space left on device"):
+        with files.atomic_path(tmp_path / "kept" / "out" / "sub" / "m.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert tree(tmp_path) == {} and (tmp_path / "kept").is_dir()
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_no_empty_out_dir(data_dir, tmp_path):
+    """A real write past the file-size limit (as a full disk fails it), in a fresh process."""
+    args = TINY + ["--data_dir", str(data_dir), "--dataset", "tiny", "--max_iters", "2",
+                   "--eval_interval", "2", "--save_snapshot", "true", "--out_dir", "out/sub"]
+    limit = 64 * 1024  # bytes: less than the snapshot, more than anything else the run writes
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, text=True,
+                       capture_output=True, preexec_fn=small_files, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: could not write out/sub/snapshot.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- temporary files of other writers ----------------------------------------------------------
+WRITER = """import sys
+from pathlib import Path
+from neuromanifold_gpt.files import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_bytes(b"written by another run")
+    print(tmp, flush=True)
+    sys.stdin.readline()  # writing, until told to finish
+"""
+
+
+def start_writer(path: Path) -> tuple[subprocess.Popen, Path]:
+    """Another process in the middle of an atomic write of path: it and its temporary file."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def killed_writers_temp(path: Path) -> Path:
+    """The temporary file of a writer of path that was killed (SIGKILL) mid-write."""
+    proc, temp = start_writer(path)
+    proc.kill()
+    proc.wait()
+    assert temp.exists()
+    return temp
+
+
+def test_a_run_sweeps_only_the_temps_of_dead_writers_and_only_once_its_inputs_are_valid(
+        tiny_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    dead = killed_writers_temp(out / "snapshot.pt")
+    live, temp = start_writer(out / "snapshot.pt")
+    try:
+        argv = tiny_args + ["--max_iters", "2", "--eval_interval", "2", "--save_snapshot", "true",
+                            "--out_dir", str(out)]
+        assert train.main(argv + ["--dataset", "nonexist"]) == 2  # bad input: no sweep at all
+        assert "nonexist" in one_line_error(capsys)
+        assert dead.exists() and temp.exists()
+        assert train.main(argv) == 0
+        assert not dead.exists() and temp.exists()  # the live run's write goes on
+    finally:
+        live.communicate("\n", timeout=60)
+    assert live.returncode == 0
+    assert (out / "snapshot.pt").read_bytes() == b"written by another run"
+    assert sorted(os.listdir(out)) == ["snapshot.pt"]
+
+
 # -- snapshots -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def snapshot_dir(tiny_args, tmp_path_factory) -> Path:
@@ -221,6 +294,51 @@ def test_a_bad_snapshot_is_one_line(damage, message, snapshot_copy, tiny_args, t
     assert not (tmp_path / "pwned").exists()
 
 
+def nan_weight(state):
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name][0] = float("nan")
+    return state
+
+
+def negative_step(state):
+    next(iter(state["optimizer"]["state"].values()))["step"].fill_(-5)
+    return state
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s | {"iter_num": -100}, "holds step -100, not one in [0, 2]"),
+    (lambda s: s | {"iter_num": 3}, "holds step 3, not one in [0, 2]"),
+    (lambda s: s | {"iter_num": "2"}, "holds step '2'"),
+    (lambda s: s | {"iter_num": True}, "holds step True"),
+    (lambda s: s | {"config": {"max_iters": -1}}, "holds no valid config"),
+    (lambda s: s | {"model": ["weights"]}, "holds no model state"),
+    (lambda s: s | {"rng": [{"cpu": 1}]}, "holds no RNG states"),
+    (lambda s: s | {"optimizer": {"state": [[[[[1]]]]]}}, "holds an optimizer state nested deeper"),
+    (nan_weight, "holds a non-finite (NaN or infinite) transformer."),
+    (negative_step, "holds a negative optimizer step"),
+], ids=["step -100", "step past max_iters", "step a str", "step a bool", "config",
+        "model", "rng", "deep optimizer state", "nan weight", "negative optimizer step"])
+def test_a_snapshot_with_values_no_run_writes_is_refused(damage, message, snapshot_copy,
+                                                         tiny_args, capsys):
+    snap = snapshot_copy / "snapshot.pt"
+    torch.save(damage(torch.load(snap, weights_only=True)), snap)
+    argv = tiny_args + ["--max_iters", "3", "--out_dir", str(snapshot_copy), "--init_from", "resume"]
+    assert train.main(argv) == 2
+    err = one_line_error(capsys)
+    assert f"snapshot {snap} {message}" in err
+
+
+def test_a_snapshot_larger_than_its_model_can_write_is_not_loaded(snapshot_copy, tiny_args,
+                                                                   monkeypatch, capsys):
+    snap = snapshot_copy / "snapshot.pt"
+    with open(snap, "ab") as f:
+        f.truncate(snap.stat().st_size + 2**27)  # sparse: as large as the limit's spare room
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("loaded"))
+    argv = tiny_args + ["--max_iters", "3", "--out_dir", str(snapshot_copy), "--init_from", "resume"]
+    assert train.main(argv) == 2
+    assert "more than a snapshot of this model can be" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("raised, code, message", [
     # a full disk, as torch.save reports it
     (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
@@ -231,7 +349,7 @@ def test_a_failed_save_keeps_the_old_snapshot_and_sweeps_stale_temps(
         raised, code, message, snapshot_copy, tiny_args, monkeypatch, capsys):
     out = snapshot_copy
     old = (out / "snapshot.pt").read_bytes()
-    (out / ".snapshot.pt.killed1.pt").write_bytes(b"left by a SIGKILL")
+    killed_writers_temp(out / "snapshot.pt")
 
     def failing_save(obj, path):
         Path(path).write_bytes(b"partial")
@@ -300,6 +418,52 @@ def test_an_oom_during_setup_takes_the_oom_path(where, snapshot_dir, tiny_args, 
     assert "CUDA out of memory" in one_line_error(capsys)
     record = json.loads(metrics.read_text())
     assert record["oom"] is True and where in record["error"]
+
+
+@pytest.mark.parametrize("argv, need", [
+    (["--n_embd", "1048576", "--n_head", "2"], "393,218.6 GiB (predicted, 26,388.5B parameters)"),
+    (["--n_layer", "1" + "0" * 4000], "more GiB than a float can count"),
+], ids=["n_embd 1048576", "a 4001-digit n_layer"])
+def test_a_model_that_can_never_fit_is_refused_before_any_allocation(argv, need, tiny_args,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda *a: pytest.fail("a module was built"))
+    _, total_gb = predictor.device_memory_gb(torch.device("cpu"))
+    assert train.main(tiny_args + ["--max_iters", "1"] + argv) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: the model can never fit: its weights, gradients and AdamW "
+                          f"states alone need {need}, and the cpu has {total_gb:,.1f} GiB of RAM")
+
+
+@pytest.mark.parametrize("fsdp, world_size, optimizer_in_backward, bytes_per_param", [
+    (False, 1, False, 16), (False, 1, True, 12), (True, 2, False, 8)])
+def test_only_a_model_whose_states_exceed_the_whole_device_is_refused(
+        fsdp, world_size, optimizer_in_backward, bytes_per_param):
+    cfg = TrainConfig.from_flags(n_layer=2, n_head=2, n_embd=64, fsdp=fsdp, grad_clip=0.0,
+                                 optimizer_in_backward=optimizer_in_backward,
+                                 gradient_accumulation_steps=world_size)
+    plan = plan_of(cfg, 64, "cuda", world=world_size, fsdp=fsdp)
+    params = predictor.held_params(cfg.model_config(64), False, 1)  # 64: no vocabulary padding
+    states_gb = bytes_per_param * params / memory.GIB
+    if fsdp:  # every tensor's rows split evenly in two
+        assert predictor.held_params(cfg.model_config(64), True, 2) * 2 == params
+    predictor.check_states_fit(plan, states_gb)  # fits exactly: tries
+    with pytest.raises(BadInput, match="can never fit.*or shard it over more GPUs"):
+        predictor.check_states_fit(plan, states_gb * 0.999)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested more than 32 deep"),
+    ('{"peak_memory_gb": ' + "1" * 5000 + "}", "an integer of 5,000 digits"),
+    ('{"a": "' + "x" * (files.JSON_MAX_BYTES + 1) + '"}', "bytes, more than the 67,108,864"),
+    ("\xff", "invalid start byte"),
+], ids=["nested 100000 deep", "a 5000-digit integer", "over the size limit", "not UTF-8"])
+def test_a_metrics_file_past_the_parsing_bounds_is_one_line_naming_it(text, message, tmp_path):
+    path = tmp_path / "m.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(BadInput) as refused:
+        files.read_json(path)
+    line = str(refused.value)
+    assert line.startswith(f"metrics file {path} is corrupt (") and message in line
 
 
 # -- measurement honesty ---------------------------------------------------------------------
@@ -388,6 +552,21 @@ def test_bad_input_under_torchrun_is_refused_before_any_process_starts(
     with pytest.raises(ValueError, match=re.escape(message)):
         plan_run(torchrun_params(data_dir, 2), "tiny", "checkpointed", tmp_path, override)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torchrun_launch_ends_with_the_failed_ranks_line_and_exit_code(data_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A bad input that only the ranks can see (the model's size against the device): torchrun
+    alone would print a ChildFailedError traceback after it and exit 1."""
+    from neuromanifold_gpt.launch import plan_run, run_training
+
+    monkeypatch.chdir(ROOT)
+    run = plan_run(torchrun_params(data_dir, 2), "tiny", "checkpointed", tmp_path,
+                   ["--n_embd", "1048576"])
+    assert run_training(run) == 2
+    out = capsys.readouterr().out
+    assert out == run.log.read_text() and "Traceback" not in out
+    assert out.splitlines()[-1].startswith("error: the model can never fit")
 
 
 @pytest.mark.parametrize("where", ["callback", "forward"])

@@ -3,17 +3,22 @@
 Keys are flat: a field of one of TrainConfig's sections is set by its own name
 (`--checkpoint_policy mlp`, `lean_loss = True`).
 
-Config files are read with `ast`, never executed: a value must be a literal."""
+Config files are read with `ast`, never executed: a value must be a literal. They are UTF-8
+(a leading byte-order mark is accepted, as Python accepts it) and at most CONFIG_MAX_BYTES."""
 
 from __future__ import annotations
 
 import ast
+import os
+import stat
 import types
 import typing
-from pathlib import Path
 
 from ..errors import BadInput
+from ..files import kind
 from .base import TrainConfig, flags
+
+CONFIG_MAX_BYTES = 2**20  # `key = value` lines; a bound on what parsing one may cost
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -84,27 +89,43 @@ def coerce(key: str, value, where: str):
     raise BadInput(f"{key}={value!r} {where} is not valid: expected {expected}")
 
 
-def read_config_file(path: str) -> dict:
-    """`key = literal` assignments of a config file, type-checked."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"config file {path!r} not found; pass an existing file such as "
-                         f"config/train_shakespeare_char.py")
-    where = f"in {path}"
+def _config_text(path: str) -> str:
+    """A config file's text: a regular file of at most CONFIG_MAX_BYTES of UTF-8."""
     try:
-        text = p.read_text(encoding="utf-8")
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInput(f"config file {path} is a {kind(info.st_mode)}, not a regular file; "
+                             f"pass a file such as config/train_shakespeare_char.py")
+        if info.st_size > CONFIG_MAX_BYTES:
+            raise BadInput(f"config file {path} is {info.st_size:,} bytes, more than the "
+                             f"{CONFIG_MAX_BYTES:,} a file of `key = value` lines may be; pass a "
+                             f"config file such as config/train_shakespeare_char.py")
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark, as Python
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadInput(f"config file {path!r} not found; pass an existing file such as "
+                         f"config/train_shakespeare_char.py") from None
     except UnicodeDecodeError as e:
         raise BadInput(f"config file {path} is not UTF-8 text (byte {e.start}: "
                          f"{e.object[e.start]:#04x}); save it as UTF-8") from None
     except OSError as e:
         raise BadInput(f"config file {path} cannot be read ({e.strerror}); check its "
                          f"permissions") from None
+
+
+def read_config_file(path: str) -> dict:
+    """`key = literal` assignments of a config file, type-checked."""
+    where = f"in {path}"
+    text = _config_text(path)
     try:
         tree = ast.parse(text, filename=path)
     except (SyntaxError, ValueError) as e:  # ValueError: a null byte, on older Pythons
         line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
         raise BadInput(f"config file {path}{line}: {getattr(e, 'msg', e)}; fix its Python "
                          f"syntax") from None
+    except (RecursionError, MemoryError):  # an expression nested past the parser's stack
+        raise BadInput(f"config file {path}: an expression is nested too deeply to parse; a "
+                         f"value must be a literal (number, string, True/False, None)") from None
     out = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
