@@ -135,6 +135,9 @@ def read_json(path: str | Path, required: tuple[str, ...] = (), what: str = "met
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"{what} {path} is corrupt ({e}); delete it and run {writer}") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise BadInput(f"{what} {path} is corrupt (a number with too many digits); delete it and "
+                       f"run {writer}") from None
     if not isinstance(data, dict):
         raise BadInput(f"{what} {path} is corrupt (not a JSON object); run {writer}")
     missing = [k for k in required if k not in data]

@@ -23,6 +23,7 @@ from .files import check_outputs, sweep_stale_temps
 from .memory import MemoryMonitorCallback
 from .optim import lr_at, make_optimizer
 from .predictor import device_memory_gb
+from .record import RunRecord
 from .snapshot import load_snapshot, save_snapshot, snapshot_path
 from .timeline import StepTimelineCallback, write_timeline
 
@@ -203,7 +204,8 @@ class Trainer:
                 f"--learning_rate (now {self.cfg.learning_rate:g}), raise --warmup_iters or set "
                 f"--grad_clip (the metrics record the step)")
 
-    def run(self) -> dict:
+    def run(self) -> tuple[RunRecord, list[tuple[int, float]]]:
+        """Train; the run's record and its (iteration, loss) per step."""
         cfg = self.cfg
         for line in reporting.startup_lines(self):
             self.log(line)
@@ -248,7 +250,7 @@ class Trainer:
             self.iter_num += 1
         for cb in self.callbacks:  # after the measured steps and the last evaluation
             getattr(cb, "on_train_end", lambda t: None)(self)
-        return reporting.run_metrics(self, step_times, losses, evals, tokens_per_iter, peak_flops)
+        return reporting.run_record(self, step_times, losses, evals, peak_flops), losses
 
 
 def run_outputs(cfg: TrainConfig) -> dict[str, str | Path]:
@@ -282,7 +284,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         trainer = Trainer(cfg, callbacks, quiet)
         try:
             trainer.build()
-            metrics = trainer.run()
+            record, losses = trainer.run()
         except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
             record, message = reporting.oom_record(trainer, e)
             alone = not isinstance(e, RanksOutOfMemory)  # mid-step: the others wait in a collective
@@ -301,10 +303,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         if trainer is not None:
             trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
         distributed.close()
-    losses = metrics.pop("_losses")
     if trainer.dist.is_main:  # rank 0's own steps
         peaks = {i: (p, r) for i, p, r in trainer.memory.trace}
         rows = [(i, loss, *peaks.get(i, (float("nan"), float("nan")))) for i, loss in losses]
-        reporting.write_run_files(cfg, metrics, rows)
-    metrics["losses"] = [loss for _, loss in losses]
-    return metrics
+        reporting.write_run_files(cfg, record, rows)
+    return record.as_json() | {"losses": [loss for _, loss in losses]}
