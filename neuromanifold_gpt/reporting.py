@@ -108,6 +108,7 @@ def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> di
         "peak_memory_gb_per_rank": [p for p, _ in peaks] if measured else None,
         "peak_reserved_gb": max(r for _, r in peaks) if measured else None,
         "peak_memory_source": t.memory.source,
+        "peak_rss_gb": max(r for _, r in peaks) if measured and t.device.type == "cpu" else None,
         "predicted_peak_gb": t.setup.prediction.peak_gb,
         # allocator peaks only: a CPU run measures the whole process's resident memory
         "predicted/measured": t.setup.prediction.peak_gb / max(p for p, _ in peaks)
