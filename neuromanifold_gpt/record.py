@@ -55,6 +55,7 @@ class RunRecord:
     peak_memory_gb_per_rank: list[float] | None = None  # each rank's peak_memory_gb
     peak_reserved_gb: float | None = None  # peak held by the CUDA caching allocator, GiB
     peak_memory_source: str | None = None  # what measured peak_memory_gb
+    peak_rss_gb: float | None = None  # the process's peak resident set, GiB (CPU runs)
     predicted_peak_gb: float | None = None  # the predictor's peak, GiB
     predicted_over_measured: float | None = None  # predicted / measured peak (CUDA only)
     recommended_batch_size: int | None = None  # largest batch predicted to fit (0: none fits)
@@ -121,13 +122,13 @@ def _within(low, high, low_open=False):
 
 
 _GIB, _POSITIVE_GIB = _within(0, MAX_GIB), _within(0, MAX_GIB, low_open=True)
-_COUNT, _SIZE = _within(1, MAX_COUNT), _within(0, MAX_COUNT)
+_POSITIVE_COUNT, _COUNT = _within(1, MAX_COUNT), _within(0, MAX_COUNT)
 RANGES = {
     **dict.fromkeys(("params", "batch_size", "block_size", "gradient_accumulation_steps",
-                     "tokens_per_iter", "world_size"), _COUNT),
+                     "tokens_per_iter", "world_size"), _POSITIVE_COUNT),
     **dict.fromkeys(("checkpointed_blocks", "iters", "recommended_batch_size", "nonfinite_step"),
-                    _SIZE),
-    **dict.fromkeys(("peak_memory_gb", "peak_reserved_gb"), _POSITIVE_GIB),
+                    _COUNT),
+    **dict.fromkeys(("peak_memory_gb", "peak_reserved_gb", "peak_rss_gb"), _POSITIVE_GIB),
     **dict.fromkeys(("predicted_peak_gb", "device_memory_gb"), _GIB),
     "peak_memory_gb_per_rank": (lambda v: all(_POSITIVE_GIB[0](x) for x in v), f"GiB in {_POSITIVE_GIB[1]}"),
     **dict.fromkeys(("predicted_over_measured", "mfu"), _within(0, MAX_COUNT)),
@@ -150,7 +151,10 @@ def _of_type(value, kind) -> bool:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:  # an integer beyond any float is not a figure either
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:
+            return False
     if kind is list:
         return isinstance(value, list) and all(_of_type(x, float) for x in value)
     return isinstance(value, kind)

@@ -120,6 +120,7 @@ def run_record(trainer, step_times, losses, evals, peak) -> RunRecord:
         peak_memory_gb_per_rank=[p for p, _ in peaks] if measured else None,
         peak_reserved_gb=max(r for _, r in peaks) if measured else None,
         peak_memory_source=t.memory.source,
+        peak_rss_gb=max(r for _, r in peaks) if measured and t.device.type == "cpu" else None,
         # allocator peaks only: a CPU run measures the whole process's resident memory
         predicted_over_measured=t.setup.prediction.peak_gb / peak_gb
         if measured and t.device.type == "cuda" else None,

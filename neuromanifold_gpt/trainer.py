@@ -52,7 +52,7 @@ class Trainer:
         self.loader.batch_size = self.batch_size
         self.model_config = cfg.model_config(self.loader.vocab_size, self.block_size)
         self.compile = cfg.compile
-        self.memory = MemoryMonitorCallback(self.device)
+        self.memory = MemoryMonitorCallback(self.device, count_tensors=not self.compile)
         self.callbacks = [self.memory] + list(callbacks or [])
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 else contextlib.nullcontext())
@@ -185,7 +185,8 @@ class Trainer:
         """A step and the memory callbacks after it; returns this rank's loss and the step's
         time in seconds."""
         t0 = time.perf_counter()
-        loss = self.train_step()
+        with self.memory.counting():
+            loss = self.train_step()
         if self.iter_num + 1 < self.cfg.max_iters:  # another step follows
             self.fetch_ahead()
         if self.device.type == "cuda":
