@@ -25,7 +25,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from .config.base import NeuroManifoldConfig
+from .config.base import ActivationCheckpoint, NeuroManifoldConfig
 from .errors import BadInput
 
 # Outputs worth keeping under the selective policy: the matmuls and the attention kernels.
@@ -74,19 +74,20 @@ def _wrap_forward(module: nn.Module, policy: str) -> None:
     module._checkpoint_policy = policy
 
 
-def checkpointed_layers(config: NeuroManifoldConfig) -> list[int]:
-    """Indices of the blocks the config checkpoints (every k-th, within the first N)."""
+def checkpointed_layers(config: NeuroManifoldConfig, ac: ActivationCheckpoint) -> list[int]:
+    """Indices of the blocks checkpointed (every k-th, within the first N), when the model
+    config's gradient_checkpointing is on."""
     if not config.gradient_checkpointing:
         return []
-    ac = config.activation_checkpoint
     last = config.n_layer if ac.checkpoint_layers is None else min(ac.checkpoint_layers, config.n_layer)
     return list(range(0, last, ac.checkpoint_every))
 
 
-def apply_activation_checkpointing(model: nn.Module, config: NeuroManifoldConfig) -> list[int]:
-    """Checkpoint model.transformer.h[i] per the config; returns the indices wrapped."""
-    layers = checkpointed_layers(config)
-    policy = config.activation_checkpoint.checkpoint_policy
+def apply_activation_checkpointing(model: nn.Module, ac: ActivationCheckpoint) -> list[int]:
+    """Checkpoint model.transformer.h[i] as `ac` says, when model.config.gradient_checkpointing
+    is on; returns the indices wrapped."""
+    layers = checkpointed_layers(model.config, ac)
+    policy = ac.checkpoint_policy
     for i in layers:
         block = model.transformer.h[i]
         target = {"attention": block.attn, "mlp": block.mlp}.get(policy, block)

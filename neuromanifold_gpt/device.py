@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .config.base import TrainConfig
+from .config.base import System
 from .errors import BadInput
 
 
-def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+def resolve_device(cfg: System) -> tuple[torch.device, torch.dtype]:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

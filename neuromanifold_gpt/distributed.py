@@ -7,10 +7,9 @@ process group (NCCL on CUDA, gloo on CPU) with a timeout, so a rank that dies or
 the others fail instead of waiting forever. Started without torchrun, the run is a plain
 single process and nothing here wraps anything.
 
-`parallelize` applies the wrappers in torchtitan's order: activation checkpointing (already
-applied by build_model), then torch.compile (the whole model; each block and the loss alone
-under FSDP2 and with the lean loss; replayed as CUDA graphs where `replays_graphs` says so),
-then FSDP2 per block and on the root (or DDP around the whole model). The state-dict helpers
+`parallelize` applies a run's plan (neuromanifold_gpt/planner.py) in torchtitan's order:
+activation checkpointing, then torch.compile, then FSDP2 per block and on the root (or DDP
+around the whole model). The state-dict helpers
 give full, unsharded state dicts with the model's own parameter names, so a snapshot is the
 same file whatever wrote it."""
 
@@ -21,6 +20,7 @@ import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .checkpointing import apply_activation_checkpointing
 from .config.base import TrainConfig
 from .errors import BadInput
+from .loss import LinearCrossEntropyLoss
+
+if TYPE_CHECKING:
+    from .planner import Plan
 
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -55,24 +60,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def check_world_size(cfg: TrainConfig, world_size: int) -> None:
-    """The settings that depend on the number of processes; torchrun's launcher checks them
-    too, before any process starts."""
-    if cfg.gradient_accumulation_steps % world_size:
-        raise BadInput(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
-                         f"global count of micro-steps and must divide among the {world_size} "
-                         f"ranks; use a multiple of {world_size}")
-
-
 def init(device: torch.device, cfg: TrainConfig) -> tuple[DistInfo, torch.device]:
     """Join torchrun's process group when launched by it; returns this rank's info and device."""
     if not all(k in os.environ for k in _LAUNCHER_ENV):
-        if cfg.fsdp:
+        if cfg.parallelism.fsdp:
             raise BadInput("fsdp=true needs a torchrun launch: torchrun --standalone "
                              "--nproc_per_node=N train.py ... --fsdp true")
         return DistInfo(), device
     rank, local_rank, world_size = (int(os.environ[k]) for k in _LAUNCHER_ENV)
-    check_world_size(cfg, world_size)
+    cfg.check_rules(world_size)
     if device.type == "cuda":
         if device.index is not None:
             raise BadInput(f"device={device} under torchrun: each rank uses cuda:LOCAL_RANK; use "
@@ -81,9 +77,9 @@ def init(device: torch.device, cfg: TrainConfig) -> tuple[DistInfo, torch.device
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=cfg.dist_timeout),
+                                timeout=timedelta(seconds=cfg.parallelism.dist_timeout),
                                 device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world_size, "fsdp" if cfg.fsdp else "ddp"), device
+    return DistInfo(rank, local_rank, world_size, "fsdp" if cfg.parallelism.fsdp else "ddp"), device
 
 
 def close() -> None:
@@ -98,53 +94,26 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def compiles_per_block(config) -> bool:
-    """Whether a single process compiles this model block by block (FSDP2 always does): with the
-    lean loss, which runs eager after the blocks either way. bench.py's `(whole model)` rows
-    measure the other unit, replayed as CUDA graphs on either side of the eager loss as the
-    blocks are (README, "Results"): block by block peaks lower. Without the lean loss the whole
-    model compiles, the plain loss inside it."""
-    return bool(config.memory_levers.lean_loss)
-
-
-def cuda_graphs(info: DistInfo, device: torch.device, micro_steps: int) -> bool:
-    """Whether compiled code may replay as CUDA graphs (compile's "reduce-overhead"): in a single
-    process on CUDA, one micro-step a step. Launching the kernels one by one from Python (each
-    block's twice a step with recompute) makes a step wait on the CPU, not the GPU; a graph
-    launches them at once. FSDP2's hooks gather parameters between the blocks, which a graph
-    cannot hold; and a graph's next replay would overwrite the gradients that a micro-step
-    leaves in its memory for the next one to add to."""
-    return device.type == "cuda" and info.parallelism == "none" and micro_steps == 1
-
-
-def replays_graphs(config, info: DistInfo, device: torch.device, compile: bool,
-                   micro_steps: int) -> bool:
-    """Whether parallelize compiles the model (config: its ModelConfig) to CUDA graphs.
-    Not with offloaded activations: their copies to the host between the graphs took GPT-2
-    124M's checkpointed step from 34.8 to 879.6 ms on the H200 at commit a733c92 (bench.py
-    --repeat 3)."""
-    return (compile and not config.memory_levers.offload_activations
-            and cuda_graphs(info, device, micro_steps))
-
-
-def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool,
-                graphs: bool) -> nn.Module:
-    """Compile and wrap `model` (checkpointing already applied); returns the module to train
-    through: the DDP wrapper, or the model itself (FSDP2 shards it in place). graphs: whether
-    the compiled code replays as CUDA graphs (replays_graphs)."""
+def parallelize(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply the plan to a freshly built model, in torchtitan's order: activation checkpointing,
+    the lean loss, torch.compile (the whole model, or each block and the loss region alone;
+    replayed as CUDA graphs where the plan says), then FSDP2 per block and on the root or DDP
+    around the whole model. Returns the module to train through: the DDP wrapper, or the model
+    itself (FSDP2 shards it in place)."""
+    apply_activation_checkpointing(model, plan.checkpoint)
+    if plan.levers.lean_loss:
+        model.lean_loss = LinearCrossEntropyLoss(plan.levers.loss_chunk_tokens, plan.levers.loss_kernel)
     blocks = model.transformer.h
-    mode = "reduce-overhead" if graphs else None
-    if compile and (info.parallelism == "fsdp" or compiles_per_block(model.config)):
-        # FSDP2 gathers and frees each block's parameters in hooks at the block's boundary:
-        # compile each block and the loss region alone, between those hooks (torchtitan's way)
+    mode = "reduce-overhead" if plan.cuda_graphs else None
+    if plan.compile and plan.compile_unit == "block":
+        # between FSDP2's hooks, which gather and free each block's parameters at its boundary
+        # (torchtitan's way), and around the lean loss's Python loop
         for block in blocks:
             block.compile(mode=mode)
         model.loss = torch.compile(model.loss, mode=mode)
-    elif compile:
-        # One graph for the whole model, the plain loss inside it (no fp32 logits). On the H200
-        # at GPT-2 124M, 12 x 1024, its step took 27.7 ms against 35.1 ms when each block and
-        # the loss were compiled alone; it compiles in about 40 s instead of 10 (bench.py, README).
-        model.compile(mode=mode)
+    elif plan.compile:
+        model.compile(mode=mode)  # one graph, the plain loss inside it: no fp32 logits
+    info, device = plan.dist, plan.device
     if info.parallelism == "ddp":
         # gradients live in DDP's all-reduce buckets instead of beside them: no second copy
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -18,10 +18,8 @@ import contextlib
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from .config.base import MemoryLevers
-from .errors import BadInput
 
 
 class OptimizerInBackward(torch.optim.AdamW):
@@ -30,9 +28,6 @@ class OptimizerInBackward(torch.optim.AdamW):
     because every parameter has already been stepped when backward returns."""
 
     def __init__(self, params, **kwargs):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise BadInput("optimizer_in_backward=true would step on this rank's gradients "
-                             "before they are reduced across ranks; use it in a single process")
         super().__init__(params, **kwargs)
         # weak: a strong reference from the parameters' hooks would be a cycle through C++ that
         # the garbage collector cannot see, keeping model and AdamW states alive forever

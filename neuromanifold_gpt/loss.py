@@ -9,24 +9,26 @@ It walks over chunks of tokens and, for each, computes the logits, the loss and 
 the logits, then turns that gradient at once into the gradients of the hidden states and of the
 head weight, summed in fp32. Only one chunk's logits exist at a time; backward merely scales the
 stored gradients. On CUDA each chunk's softmax arithmetic is compiled, and the matmuls are
-cuBLAS's. Chosen over the fused kernels of cut-cross-entropy and Liger by bench.py's measurement
-(`--loss_kernels` and the `(cce)`/`(liger)` rows, docs/memory.md): the fastest of the exact
-kernels alone, and exact to bf16 rounding where cut-cross-entropy's bf16 sums are not.
+cuBLAS's. Chosen over the fused kernels of cut-cross-entropy and Liger (`loss_kernel`, which
+the bench measures side by side, docs/results/): the fastest of the exact kernels alone, and
+exact to bf16 rounding where cut-cross-entropy's bf16 sums are not.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn as nn
 
+from .errors import BadInput
+
 # Largest chunk of logits, counted in fp32 bytes: the loss's working set stays near this
 # whatever B*T is (on CUDA one bf16 buffer of half its size; on the CPU an fp32 copy beside it).
 # Every chunk adds its gradient into the head's fp32 gradient, reading and writing all of it, so
-# fewer, larger chunks are faster: at GPT-2 124M, 12 x 1024 on an H100 (bench.py --loss_chunks,
-# 2 runs), 2048 tokens a chunk (this cap's) stepped 34.6 ms with every block checkpointed,
-# against 38.0 at 512 tokens, at the same 2.39 GiB peak, which lies in backward.
+# fewer, larger chunks are faster; the bench's chunk-size rows (loss_chunk_tokens) chose this
+# cap, where the checkpointed peak lies in backward, not in the loss.
 CHUNK_BYTES = 400 * 2**20
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it are not counted
 
@@ -139,16 +141,52 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x = x.reshape(-1, x.size(-1))
     targets = targets.reshape(-1)
     dtype = compute_dtype(x)
-    chunk = chunk or chunk_tokens(x.size(0), weight.size(0))
+    chunk = min(chunk, x.size(0)) if chunk else chunk_tokens(x.size(0), weight.size(0))
     # ctx.needs_input_grad ignores no_grad mode: evaluation must skip the gradient matmuls here
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(x.device.type, enabled=False):
         return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk, dtype, need_grad)
 
 
+def _library(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BadInput(f"loss_kernel needs {package}: pip install -e '.[compare]' (Linux with a "
+                       f"CUDA torch)") from None
+
+
+def _cce(filter_eps: str | None):
+    """cut-cross-entropy's fused kernel; filter_eps None computes every block of the gradient,
+    "high" (its default) skips the blocks whose |softmax - one-hot| all lie below 2.4e-4."""
+    def fn(x, weight, targets, chunk=None):
+        cce = _library("cut_cross_entropy", "cut-cross-entropy")
+        dtype = compute_dtype(x)
+        return cce.linear_cross_entropy(x.reshape(-1, x.size(-1)).to(dtype), weight.to(dtype),
+                                        targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                        impl="cce", filter_eps=filter_eps)
+    return fn
+
+
+def _liger(x, weight, targets, chunk=None):
+    liger = _library("liger_kernel.transformers", "liger-kernel")
+    return liger.LigerFusedLinearCrossEntropyLoss()(weight, x.reshape(-1, x.size(-1)), targets.reshape(-1))
+
+
+# The lean loss's kernels: ours, and the fused linear cross-entropy kernels of maintained
+# libraries (Triton, CUDA only), which the bench measures ours against
+KERNELS = {"chunked": linear_cross_entropy, "cce": _cce(None), "cce_filtered": _cce("high"),
+           "liger": _liger}
+
+
 class LinearCrossEntropyLoss(nn.Module):
-    """The lean loss as a module without parameters (the state_dict is unchanged)."""
+    """The lean loss as a module without parameters (the state_dict is unchanged).
+    chunk: tokens a chunk (None = chunk_tokens's); kernel: a name in KERNELS."""
+
+    def __init__(self, chunk: int | None = None, kernel: str = "chunked"):
+        super().__init__()
+        self.chunk, self.kernel = chunk, KERNELS[kernel]
 
     @torch.compiler.disable  # a Python loop: compiled code calls it as is
     def forward(self, x, weight, targets):
-        return linear_cross_entropy(x, weight, targets)
+        return self.kernel(x, weight, targets, chunk=self.chunk)

@@ -1,11 +1,12 @@
-"""What a run leaves to the machine, decided from the memory predictor before anything is
-allocated: the allocator's settings, compile and the lean loss when unset, the recommended
-batch (`batch_size auto` trains at it) and the lever that would raise it most, and with
-`memory_budget_gb` the fastest plan predicted to fit.
+"""The plan: what a run will do, decided once from its config and its machine before anything
+is built. `make_plan` fills in what the config leaves to the machine (compile, its unit and
+CUDA graphs, the lean loss, `batch_size auto`, a `memory_budget_gb`'s fastest plan) from the
+memory predictor; the Trainer builds from the Plan and never reads the config to decide.
 
-A plan is a recompute policy (or none), the lean loss and the memory levers. Its speed comes
-from plan_costs.json: each plan's step time over the fastest plan's, measured by bench.py on
-the hardware that file names; its memory from the predictor.
+A candidate plan is a recompute policy (or none), the lean loss and the memory levers
+(`PLANS`): the Plan with those fields replaced. Its speed comes from plan_costs.json (each
+plan's step time over the fastest plan's, measured by the bench on the hardware that file
+names), its memory from the predictor.
 """
 
 from __future__ import annotations
@@ -18,25 +19,24 @@ from pathlib import Path
 
 import torch
 
-from .config.base import TrainConfig
+from .checkpointing import checkpointed_layers
+from .config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig, check_rules
+from .distributed import DistInfo
 from .errors import BadInput
 from .predictor import MemoryPrediction, predict
 
-# The share of the memory free at start that the predicted peak may use, per device type.
-# CUDA: with expandable segments the allocator reserved at most 1.01x what it allocated at
-# 12 x 1024 and at the recommended batches, and CUDA kernels loaded after the start took about
-# 1 GiB more (bench and train.py on the H200). CPU: the predictor counts tensors, while the
-# process's resident peak also holds the interpreter, libraries and the allocator's slack:
-# shakespeare_char on 2 cores peaked at 2.74 GiB for 1.36 predicted (64 x 128) and 7.62 for
-# 5.07 (256 x 128), so half the free memory.
+# The share of the memory free at start that the predicted peak may use, per device type. CUDA:
+# the allocator reserves a little more than it allocates and kernels loaded after the start
+# take some memory. CPU: the predictor counts tensors, while the process also holds the
+# interpreter, libraries and the allocator's slack.
 HEADROOM = {"cuda": 0.95, "cpu": 0.5}
-# A memory budget bounds the measured peak; the prediction stayed within 5% of it on every
-# bench row, so a plan fits when its prediction is within this share of the budget.
+# A memory budget bounds the measured peak: a plan fits when its prediction is within this
+# share of the budget, the predictor's error on the bench rows (docs/results/).
 BUDGET_MARGIN = 0.95
-# Compile pays on CUDA from about this size: at 10.7M parameters (shakespeare_char, 64 x 256)
-# eager steps were faster than compiled ones, at 124M compiled ones are (bench on the H200).
+# Compile pays on CUDA from about this size: below it, eager steps were faster in the bench.
 COMPILE_MIN_PARAMS = 50_000_000
-# The lean loss is on by default from this vocabulary (GPT-2's is 50257, a character model's 65)
+# The lean loss is on by default from this vocabulary (GPT-2's is 50257, a character model's 65):
+# there the logits are the largest activation.
 LEAN_MIN_VOCAB = 8192
 COSTS_FILE = Path(__file__).with_name("plan_costs.json")
 
@@ -49,7 +49,7 @@ def _policy(name: str, **kw) -> dict:
     return dict(gradient_checkpointing=True, checkpoint_policy=name, **kw)
 
 
-# (label, TrainConfig fields): every plan the budget search weighs, and bench.py's compiled rows
+# (label, plan flags): every plan the budget search weighs, and the bench's compiled rows
 PLANS: list[tuple[str, dict]] = [
     ("none", NO_LEAN),
     ("none +lean", LEAN),
@@ -65,13 +65,53 @@ PLANS: list[tuple[str, dict]] = [
 ]
 # the plans that recompute nothing, by lean loss
 NO_RECOMPUTE = {False: "none", True: "none +lean"}
-# what a plan decides; every other field stays as the run set it
-PLAN_FIELDS = ("gradient_checkpointing", "checkpoint_policy", "checkpoint_every",
-               "checkpoint_layers", "lean_loss", "offload_activations", "optimizer_in_backward",
-               "activation_memory_budget")
-PLAN_DEFAULTS = {k: v for k, v in TrainConfig().to_dict().items() if k in PLAN_FIELDS}
 # the single changes a report may suggest, in the words of the command line
 LEVERS = [("--lean_loss true", LEAN), ("--gradient_checkpointing true", BLOCK)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a run decided before anything is built."""
+
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype (bf16 under autocast, or fp32)
+    dist: DistInfo  # this process's rank, the world size and the parallelism
+    model: NeuroManifoldConfig  # the architecture, and whether it is checkpointed
+    checkpoint: ActivationCheckpoint  # which activations are recomputed, when checkpointed
+    levers: MemoryLevers  # lean_loss decided (never None)
+    batch_size: int  # sequences per micro-step
+    block_size: int  # tokens per sequence
+    accumulation: int  # micro-steps per optimizer step, all ranks together
+    grad_clip: float  # the gradient norm's clip (0 = off)
+    compile: bool  # torch.compile the model
+    compile_unit: str  # model | block: what one compiled graph holds
+    cuda_graphs: bool  # the compiled code replays as CUDA graphs
+    asked: tuple[str, bool | None] = ("auto", None)  # the config's compile_unit and cuda_graphs
+
+    @property
+    def layers(self) -> list[int]:
+        """The blocks that are checkpointed."""
+        return checkpointed_layers(self.model, self.checkpoint)
+
+    @property
+    def micro_steps(self) -> int:
+        """Micro-steps per optimizer step on this rank."""
+        return self.accumulation // self.dist.world_size
+
+    def broken_rule(self) -> str | None:
+        return check_rules(self.levers, self.compile, self.grad_clip, self.accumulation,
+                           self.dist.world_size, self.dist.parallelism == "fsdp", *self.asked)
+
+    def replace(self, **flags) -> Plan:
+        """This plan with some plan flags (PLANS' names, and batch_size) changed, each where it
+        lives; compile's unit and CUDA graphs follow the new levers where they were automatic."""
+        model = dict(gradient_checkpointing=flags.pop("gradient_checkpointing")) \
+            if "gradient_checkpointing" in flags else {}
+        ac = {f.name: flags.pop(f.name) for f in dataclasses.fields(ActivationCheckpoint) if f.name in flags}
+        levers = {f.name: flags.pop(f.name) for f in dataclasses.fields(MemoryLevers) if f.name in flags}
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **model),
+                                   checkpoint=dataclasses.replace(self.checkpoint, **ac),
+                                   levers=dataclasses.replace(self.levers, **levers), **flags)
 
 
 def use_expandable_segments() -> None:
@@ -87,151 +127,182 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _with(cfg: TrainConfig, **flags) -> TrainConfig:
-    """cfg with some flat flags changed (a section's fields too)."""
-    return TrainConfig.from_flags(**{**cfg.to_dict(), **flags})
+def _n_params(mc: NeuroManifoldConfig) -> int:
+    """The weights of the model's matmuls and embedding: enough to decide whether compile pays."""
+    return mc.n_layer * 12 * mc.n_embd ** 2 + mc.padded_vocab_size * mc.n_embd
 
 
-def n_params(cfg: TrainConfig, vocab_size: int) -> int:
-    mc = cfg.model_config(vocab_size)
-    C = mc.n_embd
-    return mc.n_layer * 12 * C * C + mc.padded_vocab_size * C
-
-
-def resolve_auto(cfg: TrainConfig, vocab_size: int, device_type: str) -> TrainConfig:
-    """compile and lean_loss, where the run left them to the machine (None)."""
-    cuda = device_type == "cuda"
-    compile = cfg.compile if cfg.compile is not None else (
-        cuda and n_params(cfg, vocab_size) >= COMPILE_MIN_PARAMS)
-    # The lean loss is on where the logits are the largest activation: on CUDA, at a vocabulary
-    # of LEAN_MIN_VOCAB or more. It trades step time for memory (plan_costs.json holds each
-    # plan's step on the GPU it names, README "Results" the peaks); with block checkpointing it
-    # raised the H200's recommended batch from 939 to 1802 sequences of 1024, both of which ran;
-    # --lean_loss false trades that memory back for speed.
+def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.dtype,
+            dist: DistInfo | None = None) -> Plan:
+    """The plan cfg asks for on this device, with compile, its unit, CUDA graphs and the lean
+    loss decided where cfg leaves them to the machine (None or auto); the batch is cfg's or the
+    preset's (make_plan sizes `auto` and budgets)."""
+    dist = dist or DistInfo()
+    cuda = device.type == "cuda"
+    B, T = cfg.resolved_batch(device.type)
+    mc = cfg.model_config(vocab_size, T)
+    compile = cfg.compile.enable
+    if compile is None:
+        compile = cuda and _n_params(mc) >= COMPILE_MIN_PARAMS
     lean = cfg.memory_levers.lean_loss
     if lean is None:
         lean = cuda and vocab_size >= LEAN_MIN_VOCAB
-    return _with(cfg, compile=compile, lean_loss=lean)
+    plan = Plan(device=device, dtype=dtype, dist=dist, model=mc, checkpoint=cfg.activation_checkpoint,
+                levers=dataclasses.replace(cfg.memory_levers, lean_loss=lean),
+                batch_size=B if B != "auto" else 1, block_size=T,
+                accumulation=cfg.data.gradient_accumulation_steps, grad_clip=cfg.optimizer.grad_clip,
+                compile=compile, compile_unit="model", cuda_graphs=False,
+                asked=(cfg.compile.compile_unit, cfg.compile.cuda_graphs))
+    return settle(plan)
+
+
+def settle(plan: Plan) -> Plan:
+    """plan with compile's unit and CUDA graphs decided from its other fields where the config
+    left them to the machine, and checked against every cross-field rule.
+
+    Block by block under FSDP2 (its hooks gather each block's parameters at the block's
+    boundary, between the graphs) and with the lean loss (a Python loop, eager either way); the
+    whole model otherwise, the plain loss inside it, which steps faster. CUDA graphs in a single
+    CUDA process with one micro-step a step: FSDP2's hooks cannot live in a graph, a graph's
+    next replay would overwrite the gradients a micro-step leaves for the next, and offloaded
+    activations' host copies between the graphs cost more than the graphs save."""
+    unit, graphs = plan.asked
+    if unit == "auto":
+        unit = "block" if plan.dist.parallelism == "fsdp" or plan.levers.lean_loss else "model"
+    if graphs is None:
+        graphs = (plan.compile and plan.device.type == "cuda" and plan.dist.parallelism == "none"
+                  and plan.micro_steps == 1 and not plan.levers.offload_activations)
+    elif graphs and plan.device.type != "cuda":
+        raise BadInput(f"cuda_graphs=true needs a CUDA device, and this run is on {plan.device.type}; "
+                       f"leave cuda_graphs at auto")
+    plan = dataclasses.replace(plan, compile_unit=unit, cuda_graphs=graphs)
+    broken = plan.broken_rule()
+    if broken:
+        raise BadInput(broken)
+    return plan
 
 
 @dataclasses.dataclass
-class Setup:
-    """A run's settings with everything left to the machine filled in, and why."""
+class PlanReport:
+    """What make_plan measured against the machine, for the startup report and OOM advice."""
 
-    cfg: TrainConfig  # compile, lean_loss and batch_size concrete; a budget's plan applied
-    prediction: MemoryPrediction  # of cfg
+    prediction: MemoryPrediction  # of the plan
     recommended: int  # the largest batch predicted to fit in HEADROOM[device] x free memory
     lever: tuple[str, int] | None  # the one change that raises it most, and to what
     lines: list[str]  # the startup report's memory lines
 
 
-class Planner:
-    """Predictions for one run's device, dtype, vocabulary and world size."""
+def largest_batch(plan: Plan, limit_gb: float) -> int:
+    """The largest batch whose predicted peak is at most limit_gb (0 if none is)."""
 
-    def __init__(self, vocab_size: int, device_type: str, dtype: torch.dtype, world_size: int = 1):
-        self.vocab_size, self.device_type, self.dtype = vocab_size, device_type, dtype
-        self.world_size = world_size
+    def fits(b: int) -> bool:
+        return predict(plan, b).peak_gb <= limit_gb
 
-    def predict(self, cfg: TrainConfig, batch_size: int | None = None) -> MemoryPrediction:
-        return predict(cfg, self.vocab_size, self.device_type, self.dtype, bool(cfg.compile),
-                       batch_size, self.world_size)
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi) and hi < 1 << 16:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
-    def largest_batch(self, cfg: TrainConfig, limit_gb: float) -> int:
-        """The largest batch whose predicted peak is at most limit_gb (0 if none is)."""
 
-        def fits(b: int) -> bool:
-            return self.predict(cfg, b).peak_gb <= limit_gb
+def _flags_of(plan: Plan) -> dict:
+    """The plan's values of the flags PLANS and LEVERS set."""
+    return {"gradient_checkpointing": plan.model.gradient_checkpointing,
+            **dataclasses.asdict(plan.checkpoint), **dataclasses.asdict(plan.levers)}
 
-        if not fits(1):
-            return 0
-        lo, hi = 1, 2
-        while fits(hi) and hi < 1 << 16:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # fits(lo), not fits(hi)
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
 
-    def best_lever(self, cfg: TrainConfig, limit_gb: float, batch: int) -> tuple[str, int] | None:
-        """The single lever (not yet on) that raises the largest fitting batch most."""
-        flat = cfg.to_dict()
-        options = [(flag, self.largest_batch(_with(cfg, **fields), limit_gb))
-                   for flag, fields in LEVERS if any(flat[k] != v for k, v in fields.items())]
-        best = max(options, key=lambda o: o[1], default=None)
-        return best if best and best[1] > batch else None
+def best_lever(plan: Plan, limit_gb: float, batch: int) -> tuple[str, int] | None:
+    """The single lever (not yet on) that raises the largest fitting batch most; a policy other
+    than block counts as block not yet on."""
+    flat = _flags_of(plan)
+    options = [(flag, largest_batch(settle(plan.replace(**fields)), limit_gb))
+               for flag, fields in LEVERS if any(flat[k] != v for k, v in fields.items())]
+    best = max(options, key=lambda o: o[1], default=None)
+    if best and best[0] == "--gradient_checkpointing true" and plan.model.gradient_checkpointing:
+        best = ("--checkpoint_policy block", best[1])
+    return best if best and best[1] > batch else None
 
-    def plans(self, cfg: TrainConfig, costs: dict[str, float]) -> list[tuple[str, TrainConfig, float]]:
-        """(label, config, step ratio) of every plan that can run with cfg's other settings."""
-        out = []
-        for label, fields in PLANS:
-            if label not in costs:
-                continue
-            flags = {**PLAN_DEFAULTS, **fields}
-            if flags["activation_memory_budget"] < 1.0 and not cfg.compile:
-                continue  # acts only on compiled blocks
-            if flags["optimizer_in_backward"] and (cfg.grad_clip > 0 or cfg.gradient_accumulation_steps > 1
-                                                   or self.world_size > 1):
-                continue  # would change what the run computes (no clipping, no accumulation)
-            out.append((label, _with(cfg, **flags), costs[label]))
-        return out
 
-    def fastest_plan(self, cfg: TrainConfig, budget_gb: float) -> tuple[str, TrainConfig, list[str]]:
-        """The fastest plan whose predicted peak fits budget_gb (ties: the one without recompute,
-        then the smaller peak); a ValueError that says what would fit when none does."""
-        costs = load_costs()
-        scored = [(label, plan, ratio, self.predict(plan).peak_gb)
-                  for label, plan, ratio in self.plans(cfg, costs["step_ratio"])]
-        fitting = [s for s in scored if s[3] <= BUDGET_MARGIN * budget_gb]
-        B = self.predict(cfg).batch_size
-        if not fitting:
-            label, plan, _, peak = min(scored, key=lambda s: s[3])
-            b = self.largest_batch(plan, BUDGET_MARGIN * budget_gb)
-            fix = f"lower --batch_size to {b}" if b else "use a smaller model or block_size"
-            raise BadInput(f"memory_budget_gb={budget_gb:g} fits no plan at batch_size {B}: the "
-                             f"leanest, {label}, needs {peak:.2f} GiB (predicted); raise the budget "
-                             f"or {fix}")
-        label, plan, ratio, peak = min(
-            fitting, key=lambda s: (s[2], s[0] not in NO_RECOMPUTE.values(), s[3]))
-        lines = [f"memory plan for {budget_gb:g} GiB: {label} (predicted peak {peak:.2f} GiB, "
-                 f"step {ratio:.2f}x the fastest plan's as measured on {costs['hardware']})"]
-        return label, plan, lines
+def candidates(plan: Plan, costs: dict[str, float]) -> list[tuple[str, Plan, float]]:
+    """(label, plan, step ratio) of every plan in PLANS that costs names and that can run with
+    the plan's other settings (the cross-field rules)."""
+    out = []
+    defaults = {**_flags_of(plan), "gradient_checkpointing": False,
+                **dataclasses.asdict(ActivationCheckpoint()),
+                **{k: v for k, v in dataclasses.asdict(MemoryLevers()).items()
+                   if k not in ("loss_chunk_tokens", "loss_kernel")}}
+    for label, fields in PLANS:
+        if label in costs:
+            candidate = plan.replace(**{**defaults, **fields})
+            if candidate.broken_rule() is None:
+                out.append((label, settle(candidate), costs[label]))
+    return out
 
-    def setup(self, cfg: TrainConfig, free_gb: float, device_gb: float) -> Setup:
-        """Fill in what cfg leaves to the machine; the report says what was chosen."""
-        lines = []
-        resolved = resolve_auto(cfg, self.vocab_size, self.device_type)
-        limit = HEADROOM[self.device_type] * free_gb
-        if cfg.memory_budget_gb is not None:
-            if cfg.memory_budget_gb > limit:
-                lines.append(f"memory budget {cfg.memory_budget_gb:g} GiB is more than the device "
-                             f"can give ({limit:.1f} GiB); planning for {limit:.1f} GiB")
-            _, resolved, plan_lines = self.fastest_plan(resolved, min(cfg.memory_budget_gb, limit))
-            lines += plan_lines
-        sizing = _with(resolved, batch_size=None) if cfg.batch_size == "auto" else resolved
-        recommended = self.largest_batch(sizing, limit)
-        lever = self.best_lever(sizing, limit, recommended)
-        if cfg.batch_size == "auto":
-            if recommended == 0:
-                raise BadInput(f"batch_size=auto: not even one sequence is predicted to fit in "
-                                 f"{free_gb:.1f} GiB free; {_lever_fix(lever)}")
-            resolved = _with(resolved, batch_size=recommended)
-        prediction = self.predict(resolved)
-        lines = [_levers_line(cfg, resolved), *lines,
-                 *prediction.lines()]
-        if cfg.batch_size == "auto":
-            lines.append(f"batch size: auto, so the recommended {recommended}")
-        more = f" (with {lever[0]}: {lever[1]})" if lever else ""
-        lines.append(f"recommended batch size: {recommended}{more} for {free_gb:.1f} GiB free of "
-                     f"{device_gb:.1f} GiB ({self.device_type})")
-        return Setup(resolved, prediction, recommended, lever, lines)
+
+def fastest_plan(plan: Plan, budget_gb: float) -> tuple[str, Plan, list[str]]:
+    """The fastest plan whose predicted peak fits budget_gb (ties: the one without recompute,
+    then the smaller peak); BadInput saying what would fit when none does."""
+    costs = load_costs()
+    scored = [(label, p, ratio, predict(p).peak_gb)
+              for label, p, ratio in candidates(plan, costs["step_ratio"])]
+    fitting = [s for s in scored if s[3] <= BUDGET_MARGIN * budget_gb]
+    if not fitting:
+        label, leanest, _, peak = min(scored, key=lambda s: s[3])
+        b = largest_batch(leanest, BUDGET_MARGIN * budget_gb)
+        fix = f"lower --batch_size to {b}" if b else "use a smaller model or block_size"
+        raise BadInput(f"memory_budget_gb={budget_gb:g} fits no plan at batch_size {plan.batch_size}: "
+                       f"the leanest, {label}, needs {peak:.2f} GiB (predicted); raise the budget "
+                       f"or {fix}")
+    label, best, ratio, peak = min(
+        fitting, key=lambda s: (s[2], s[0] not in NO_RECOMPUTE.values(), s[3]))
+    lines = [f"memory plan for {budget_gb:g} GiB: {label} (predicted peak {peak:.2f} GiB, "
+             f"step {ratio:.2f}x the fastest plan's as measured on {costs['hardware']})"]
+    return label, best, lines
+
+
+def make_plan(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torch.dtype,
+              dist: DistInfo, free_gb: float, device_gb: float) -> tuple[Plan, PlanReport]:
+    """The run's plan on this machine, and the report of how it was chosen."""
+    plan = resolve(cfg, vocab_size, device, dtype, dist)
+    lines = []
+    limit = HEADROOM[device.type] * free_gb
+    budget = cfg.data.memory_budget_gb
+    if budget is not None:
+        if budget > limit:
+            lines.append(f"memory budget {budget:g} GiB is more than the device can give "
+                         f"({limit:.1f} GiB); planning for {limit:.1f} GiB")
+        _, plan, plan_lines = fastest_plan(plan, min(budget, limit))
+        lines += plan_lines
+    auto = cfg.data.batch_size == "auto"
+    if auto:  # sized from the preset's batch's shape, then the largest that fits
+        plan = plan.replace(batch_size=cfg.with_flags(batch_size=None).resolved_batch(device.type)[0])
+    recommended = largest_batch(plan, limit)
+    lever = best_lever(plan, limit, recommended)
+    if auto:
+        if recommended == 0:
+            raise BadInput(f"batch_size=auto: not even one sequence is predicted to fit in "
+                           f"{free_gb:.1f} GiB free; {_lever_fix(lever)}")
+        plan = plan.replace(batch_size=recommended)
+    prediction = predict(plan)
+    lines = [_levers_line(cfg, plan), *lines, *prediction.lines()]
+    if auto:
+        lines.append(f"batch size: auto, so the recommended {recommended}")
+    more = f" (with {lever[0]}: {lever[1]})" if lever else ""
+    lines.append(f"recommended batch size: {recommended}{more} for {free_gb:.1f} GiB free of "
+                 f"{device_gb:.1f} GiB ({device.type})")
+    return plan, PlanReport(prediction, recommended, lever, lines)
 
 
 def _lever_fix(lever: tuple[str, int] | None) -> str:
     return f"use {lever[0]}" if lever else "use a smaller model or block_size"
 
 
-def _levers_line(asked: TrainConfig, cfg: TrainConfig) -> str:
-    on, levers = [], cfg.memory_levers
+def _levers_line(asked: TrainConfig, plan: Plan) -> str:
+    on, levers = [], plan.levers
     if levers.lean_loss:
         on.append(f"lean loss{' (auto)' if asked.memory_levers.lean_loss is None else ''}")
     if levers.offload_activations:
@@ -240,18 +311,19 @@ def _levers_line(asked: TrainConfig, cfg: TrainConfig) -> str:
         on.append("optimizer in backward")
     if levers.activation_memory_budget < 1.0:
         on.append(f"compile memory budget {levers.activation_memory_budget:g}")
-    auto = " (auto)" if asked.compile is None else ""
-    return f"compile: {'on' if cfg.compile else 'off'}{auto}; memory levers: {', '.join(on) or 'none'}"
+    auto = " (auto)" if asked.compile.enable is None else ""
+    unit = f", {'whole model' if plan.compile_unit == 'model' else 'block by block'}" if plan.compile else ""
+    return f"compile: {'on' if plan.compile else 'off'}{auto}{unit}; memory levers: {', '.join(on) or 'none'}"
 
 
-def oom_advice(setup: Setup, batch_size: int) -> tuple[int, str]:
+def oom_advice(report: PlanReport, batch_size: int) -> tuple[int, str]:
     """After an out-of-memory at batch_size: the largest batch predicted to fit (below
     batch_size: the prediction itself may have missed), and what to run."""
-    b = min(setup.recommended, math.floor(HEADROOM["cuda"] * batch_size))  # OOM: CUDA only
-    lever = f" (or {setup.lever[0]}: {setup.lever[1]})" if setup.lever else ""
+    b = min(report.recommended, math.floor(HEADROOM["cuda"] * batch_size))  # OOM: CUDA only
+    lever = f" (or {report.lever[0]}: {report.lever[1]})" if report.lever else ""
     if b:
         return b, f"--batch_size {b}{lever}"
-    return 0, f"batch_size 1 does not fit either; {_lever_fix(setup.lever)}"
+    return 0, f"batch_size 1 does not fit either; {_lever_fix(report.lever)}"
 
 
 def load_costs(path: Path = COSTS_FILE) -> dict:

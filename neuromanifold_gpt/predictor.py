@@ -25,17 +25,20 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpointing import checkpointed_layers
-from .config.base import TrainConfig
 from .loss import chunk_tokens
 from .memory import GIB
 
+if TYPE_CHECKING:
+    from .planner import Plan
+
 FP32 = 4  # master weights, gradients, AdamW states, the residual stream and LayerNorm outputs
 # Allocated by CUDA libraries through the caching allocator once the first step has run
-# (cuBLAS/cuBLASLt workspaces and the like): 72-75 MiB on the H200 whatever the model size.
+# (cuBLAS/cuBLASLt workspaces and the like), whatever the model size: the bench's measured
+# peaks set it.
 CUDA_WORKSPACE = 72 * 2**20
 
 
@@ -99,26 +102,25 @@ def shard_numel(shapes: list[tuple[int, ...]], world_size: int) -> int:
     return sum(-(-s[0] // world_size) * math.prod(s[1:]) for s in shapes)
 
 
-def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dtype,
-            compile: bool, batch_size: int | None = None, world_size: int = 1) -> MemoryPrediction:
-    """Predicted peak allocated memory of one training step of `cfg` on one rank (batch_size
-    overrides the config's, for the batch-size search)."""
-    B, T = cfg.resolved_batch(device_type)
-    B = batch_size or B
-    mc = cfg.model_config(vocab_size, T)
+def predict(plan: Plan, batch_size: int | None = None) -> MemoryPrediction:
+    """Predicted peak allocated memory of one training step of `plan` on one rank (batch_size
+    overrides the plan's, for the batch-size search)."""
+    B, T = batch_size or plan.batch_size, plan.block_size
+    mc, dtype, device_type = plan.model, plan.dtype, plan.device.type
+    world_size = plan.dist.world_size
     L, C, H, V = mc.n_layer, mc.n_embd, mc.n_head, mc.padded_vocab_size
     N = B * T
     NC = N * C
     a = FP32 if dtype == torch.float32 else 2  # compute dtype (autocast) bytes
     f = FP32
     dropout = mc.dropout > 0
-    compiled = compile
+    compiled = plan.compile
 
     layer_shapes, root_shapes = param_shapes(mc)
     n_layer_params = sum(math.prod(s) for s in layer_shapes)
     n_root_params = sum(math.prod(s) for s in root_shapes)
     n_params = L * n_layer_params + n_root_params
-    fsdp = cfg.fsdp and world_size > 1
+    fsdp = plan.dist.parallelism == "fsdp" and world_size > 1
     # a rank's share of the weights: all of them, or its FSDP2 shard of each
     held = (L * shard_numel(layer_shapes, world_size) + shard_numel(root_shapes, world_size)
             if fsdp else n_params)
@@ -129,8 +131,8 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
     head_grad = FP32 * V * C  # the tied embedding/head gradient lives from loss to the end
     small = 4 * N * H + 16 * N  # attention log-sum-exp, LayerNorm mean and rstd
 
-    ckpt = set(checkpointed_layers(mc))
-    policy = mc.activation_checkpoint.checkpoint_policy
+    ckpt = set(plan.layers)
+    policy = plan.checkpoint.checkpoint_policy
     full = _kept_per_layer("none", compiled, a, dropout) * NC + small \
         + _weight_copies("none", compiled, a) * C * C * a
     kept = []
@@ -138,7 +140,7 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
         p = policy if i in ckpt else "none"
         kept.append(_kept_per_layer(p, compiled, a, dropout) * NC + small
                     + _weight_copies(p, compiled, a) * C * C * a)
-    levers = cfg.memory_levers
+    levers = plan.levers
     offload = levers.offload_activations
     if levers.activation_memory_budget < 1.0 and compiled:
         # the partitioner keeps min + budget * (default - min), min = the block's input
@@ -157,13 +159,13 @@ def predict(cfg: TrainConfig, vocab_size: int, device_type: str, dtype: torch.dt
 
     # the loss: plain eager keeps the (N, V) fp32 log-softmax, its backward needs three of
     # those; compiled, it keeps the logits in the compute dtype, and its backward writes their
-    # gradient over them (measured on the H200: 1.0 x aNV, not 2). The lean loss holds one
+    # gradient over them (1.0 x aNV, not 2). The lean loss holds one
     # chunk's logits and the two gradients it computed. On CUDA its compiled chunk arithmetic
     # writes the logits' gradient over them, and cuBLAS adds the head's gradient in place; on
     # the CPU the eager chunk holds an fp32 copy, and the head's product exists before its sum.
     w_copy = 0 if a == FP32 else a * V * C  # the head's cast, saved for its backward
-    if mc.memory_levers.lean_loss:
-        c = chunk_tokens(N, V)
+    if levers.lean_loss:
+        c = min(levers.loss_chunk_tokens or chunk_tokens(N, V), N)
         if device_type == "cuda":
             chunk_work = a * c * V
         else:

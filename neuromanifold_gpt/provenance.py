@@ -23,7 +23,8 @@ IGNORED = ("__pycache__", ".pyc")  # as .dvcignore: bytecode never makes code lo
 
 
 def hardware(cfg) -> dict:
-    """What measures a run of TrainConfig `cfg`; nothing that varies between runs on one machine."""
+    """What measures a run of the System section `cfg`; nothing that varies between runs on one
+    machine."""
     device, dtype = resolve_device(cfg)
     cuda = device.type == "cuda"
     return {"device": device.type, "device_name": device_name(device),

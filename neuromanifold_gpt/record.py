@@ -61,6 +61,7 @@ class RunRecord:
     recommended_batch_size: int | None = None  # largest batch predicted to fit (0: none fits)
     device_memory_gb: float | None = None  # the device's whole memory, GiB
     compile: bool | None = None  # torch.compile on
+    compile_unit: str | None = None  # what one compiled graph holds: model | block
     cuda_graphs: bool | None = None  # the compiled code replayed as CUDA graphs
     lean_loss: bool | None = None  # the memory levers (config/base.py MemoryLevers) ...
     offload_activations: bool | None = None
@@ -140,6 +141,7 @@ RANGES = {
     "policy": (lambda v: v in ("none", *POLICIES), f"one of none, {', '.join(POLICIES)}"),
     "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     "parallelism": (lambda v: v in ("none", "ddp", "fsdp"), "none, ddp or fsdp"),
+    "compile_unit": (lambda v: v in ("model", "block"), "model or block"),
 }
 _TYPES = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
           list: "a list of finite numbers"}

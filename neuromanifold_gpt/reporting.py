@@ -10,7 +10,6 @@ import statistics
 import torch
 
 from . import distributed, planner
-from .checkpointing import checkpointed_layers
 from .config.base import TrainConfig
 from .device import device_name
 from .files import write_tsv
@@ -39,20 +38,21 @@ def peak_flops(device: torch.device, world_size: int) -> float | None:
     return peak * world_size if peak else None  # tokens per iteration are global: MFU per device
 
 
-def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) -> list[str]:
-    tokens = batch_size * block_size * cfg.gradient_accumulation_steps
-    mc = model.config
+def startup_report(plan, model) -> list[str]:
+    device, dtype, batch_size, block_size = plan.device, plan.dtype, plan.batch_size, plan.block_size
+    tokens = batch_size * block_size * plan.accumulation
+    mc, layers = model.config, plan.layers
     lines = [
         f"number of parameters: {model.num_params() / 1e6:.2f}M",
         f"device: {device_name(device)}, dtype: {str(dtype).replace('torch.', '')}"
         f"{' (autocast)' if device.type == 'cuda' and dtype != torch.float32 else ''}",
         f"tokens per iteration will be: {tokens:,} "
-        f"({cfg.gradient_accumulation_steps} x {batch_size} x {block_size})",
+        f"({plan.accumulation} x {batch_size} x {block_size})",
     ]
     if mc.gradient_checkpointing:
         which = "all" if len(layers) == mc.n_layer else ",".join(map(str, layers))
         lines.append(f"✓ Gradient checkpointing: ENABLED (policy: "
-                     f"{mc.activation_checkpoint.checkpoint_policy}, blocks: {which} of {mc.n_layer})")
+                     f"{plan.checkpoint.checkpoint_policy}, blocks: {which} of {mc.n_layer})")
     else:
         lines.append("✗ Gradient checkpointing: DISABLED")
     return lines
@@ -61,13 +61,12 @@ def startup_report(cfg, model, device, dtype, batch_size, block_size, layers) ->
 def startup_lines(trainer) -> list[str]:
     """Everything printed once before the first step."""
     t = trainer
-    lines = startup_report(t.cfg, t.model, t.device, t.dtype, t.batch_size, t.block_size,
-                           t.layers) + t.setup.lines
-    if t.graphs:
+    lines = startup_report(t.plan, t.model) + t.report.lines
+    if t.plan.cuda_graphs:
         lines.append("CUDA graphs: the compiled code replays as graphs (one launch each)")
     if t.dist.parallelism != "none":
         lines.append(f"distributed: {t.dist.parallelism.upper()} over {t.dist.world_size} "
-                     f"rank(s), {t.cfg.gradient_accumulation_steps // t.dist.world_size} "
+                     f"rank(s), {t.plan.micro_steps} "
                      f"micro-step(s) of {t.batch_size} x {t.block_size} per rank per iteration")
     return lines
 
@@ -83,24 +82,25 @@ def format_log_line(r: dict) -> str:
 
 def _run_facts(trainer) -> dict:
     """What every record of a run holds, whatever its outcome: the plan, the device, the code."""
-    t, cfg = trainer, trainer.cfg
-    mc, levers = t.model_config, cfg.memory_levers
+    t, plan = trainer, trainer.plan
+    mc, levers = plan.model, plan.levers
     return dict(
-        preset=cfg.preset,
+        preset=t.cfg.model.preset,
         params=t.model.num_params() if t.model is not None else None,
         gradient_checkpointing=mc.gradient_checkpointing,
-        policy=mc.activation_checkpoint.checkpoint_policy if mc.gradient_checkpointing else "none",
-        checkpointed_blocks=len(checkpointed_layers(mc)),
+        policy=plan.checkpoint.checkpoint_policy if mc.gradient_checkpointing else "none",
+        checkpointed_blocks=len(plan.layers),
         batch_size=t.batch_size, block_size=t.block_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        tokens_per_iter=t.batch_size * t.block_size * cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan.accumulation,
+        tokens_per_iter=t.batch_size * t.block_size * plan.accumulation,
         iters=t.iter_num, device=t.device.type, device_name=device_name(t.device),
         dtype=str(t.dtype).replace("torch.", ""),
         **run_provenance(t.device),  # torch version, commit, dirty flag, training-code hash, CUDA version
         world_size=t.dist.world_size, parallelism=t.dist.parallelism,
-        predicted_peak_gb=t.setup.prediction.peak_gb, recommended_batch_size=t.setup.recommended,
-        device_memory_gb=t.device_gb, compile=t.compile, cuda_graphs=t.graphs,
-        lean_loss=levers.lean_loss, offload_activations=levers.offload_activations,
+        predicted_peak_gb=t.report.prediction.peak_gb, recommended_batch_size=t.report.recommended,
+        device_memory_gb=t.device_gb, compile=plan.compile, compile_unit=plan.compile_unit,
+        cuda_graphs=plan.cuda_graphs, lean_loss=levers.lean_loss,
+        offload_activations=levers.offload_activations,
         optimizer_in_backward=levers.optimizer_in_backward,
         activation_memory_budget=levers.activation_memory_budget)
 
@@ -122,7 +122,7 @@ def run_record(trainer, step_times, losses, evals, peak) -> RunRecord:
         peak_memory_source=t.memory.source,
         peak_rss_gb=max(r for _, r in peaks) if measured and t.device.type == "cpu" else None,
         # allocator peaks only: a CPU run measures the whole process's resident memory
-        predicted_over_measured=t.setup.prediction.peak_gb / peak_gb
+        predicted_over_measured=t.report.prediction.peak_gb / peak_gb
         if measured and t.device.type == "cuda" else None,
         step_time_ms=step * 1000 if step else None,
         tokens_per_sec=facts["tokens_per_iter"] / step if step else None,
@@ -135,11 +135,11 @@ def run_record(trainer, step_times, losses, evals, peak) -> RunRecord:
 def oom_record(trainer, error: Exception) -> tuple[RunRecord, str]:
     """After a CUDA out-of-memory: the run's record (oom: true) and the one-line advice."""
     t = trainer
-    b, advice = planner.oom_advice(t.setup, t.batch_size)
+    b, advice = planner.oom_advice(t.report, t.batch_size)
     record = RunRecord(**_run_facts(t) | {"recommended_batch_size": b}, oom=True,
                        error=str(error).splitlines()[0])
     message = (f"batch_size {t.batch_size} x {t.block_size} needs about "
-               f"{t.setup.prediction.peak_gb:.1f} GiB (predicted); the device has "
+               f"{t.report.prediction.peak_gb:.1f} GiB (predicted); the device has "
                f"{t.device_gb:.1f} GiB ({t.free_gb:.1f} GiB free at start); use {advice}")
     return record, message
 
@@ -153,7 +153,7 @@ def nonfinite_record(trainer, error: Exception) -> RunRecord:
 def write_run_files(cfg: TrainConfig, record: RunRecord, trace_rows: list[tuple]) -> None:
     """memory_trace_file and then metrics_file, each when set: a metrics file means the run
     ended and everything it wrote is complete."""
-    if cfg.memory_trace_file:
-        write_tsv(cfg.memory_trace_file, TRACE_HEADER, trace_rows)
-    if cfg.metrics_file:
-        record.write(cfg.metrics_file)
+    if cfg.evaluation.memory_trace_file:
+        write_tsv(cfg.evaluation.memory_trace_file, TRACE_HEADER, trace_rows)
+    if cfg.evaluation.metrics_file:
+        record.write(cfg.evaluation.metrics_file)

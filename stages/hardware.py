@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
-from neuromanifold_gpt.config.base import TrainConfig
+from neuromanifold_gpt.config.base import System
 from neuromanifold_gpt.errors import BadInput, entry_point
 from neuromanifold_gpt.files import write_json
 from neuromanifold_gpt.params import RUNS, SECTIONS, load_params, pick, run_device_type, run_files, validate
@@ -30,8 +30,8 @@ def main() -> int:
     validate(params)
     device_type = run_device_type(params)
     train = params["train"]
-    hw = hardware(TrainConfig(device=pick(train.get("device", "auto"), device_type),
-                              dtype=pick(train.get("dtype", "auto"), device_type)))
+    hw = hardware(System(device=pick(train.get("device", "auto"), device_type),
+                         dtype=pick(train.get("dtype", "auto"), device_type)))
     figures = [read for size in params["sizes"] for run in RUNS
                if (read := _figures(run_files(size, run)["metrics"]))]
     print(hardware_news(hw, figures))

@@ -68,3 +68,15 @@ def dataset(data_dir, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_args(data_dir) -> list[str]:
     return TINY + ["--data_dir", str(data_dir), "--dataset", "tiny"]
+
+
+def plan_of(cfg, vocab: int, device: str = "cpu", dtype=None, world: int = 1, fsdp: bool = False):
+    """The Plan a run of cfg resolves to on `device` (no machine measured: the batch is cfg's)."""
+    import torch
+
+    from neuromanifold_gpt.distributed import DistInfo
+    from neuromanifold_gpt.planner import resolve
+
+    parallelism = "fsdp" if fsdp else "ddp" if world > 1 else "none"
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    return resolve(cfg, vocab, torch.device(device), dtype, DistInfo(0, 0, world, parallelism))

@@ -6,8 +6,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import neuromanifold_gpt.checkpointing as ckpt
-from neuromanifold_gpt import NeuroManifoldConfig, build_model
-from neuromanifold_gpt.config.base import ActivationCheckpoint
+from neuromanifold_gpt import NeuroManifoldConfig, NeuroManifoldGPT, build_model
+from neuromanifold_gpt.config.base import ActivationCheckpoint, TrainConfig
+from neuromanifold_gpt.errors import BadInput
+from tests.conftest import plan_of
 
 CASES = [dict(checkpoint_policy=p) for p in ("block", "attention", "mlp", "selective")] + [
     dict(checkpoint_policy="block", checkpoint_every=2),
@@ -17,11 +19,9 @@ CASES = [dict(checkpoint_policy=p) for p in ("block", "attention", "mlp", "selec
 
 def make(dropout=0.0, **ckpt_kwargs):
     cfg = NeuroManifoldConfig(block_size=32, vocab_size=65, n_layer=3, n_head=4, n_embd=32,
-                              dropout=dropout, bias=True,
-                              gradient_checkpointing=bool(ckpt_kwargs),
-                              activation_checkpoint=ActivationCheckpoint(**ckpt_kwargs))
+                              dropout=dropout, bias=True, gradient_checkpointing=bool(ckpt_kwargs))
     torch.manual_seed(0)
-    return build_model(cfg)
+    return build_model(cfg, ActivationCheckpoint(**ckpt_kwargs))
 
 
 def batch():
@@ -87,10 +87,11 @@ def test_selective_recomputes_elementwise_but_not_matmuls():
 
 
 def test_layer_knobs_choose_blocks():
-    assert ckpt.checkpointed_layers(make(checkpoint_policy="block").config) == [0, 1, 2]
-    assert ckpt.checkpointed_layers(make(checkpoint_policy="block", checkpoint_every=2).config) == [0, 2]
-    assert ckpt.checkpointed_layers(make(checkpoint_policy="block", checkpoint_layers=1).config) == [0]
-    assert ckpt.checkpointed_layers(make().config) == []
+    on, off = make(checkpoint_policy="block").config, make().config
+    assert ckpt.checkpointed_layers(on, ActivationCheckpoint("block")) == [0, 1, 2]
+    assert ckpt.checkpointed_layers(on, ActivationCheckpoint("block", checkpoint_every=2)) == [0, 2]
+    assert ckpt.checkpointed_layers(on, ActivationCheckpoint("block", checkpoint_layers=1)) == [0]
+    assert ckpt.checkpointed_layers(off, ActivationCheckpoint("block")) == []
 
 
 @pytest.mark.parametrize("knobs, runs", [
@@ -135,7 +136,15 @@ def test_state_dict_unchanged_and_no_double_apply():
     assert plain.state_dict().keys() == wrapped.state_dict().keys()
     wrapped.load_state_dict(plain.state_dict())
     with pytest.raises(ValueError, match="already applied"):
-        ckpt.apply_activation_checkpointing(wrapped, wrapped.config)
+        ckpt.apply_activation_checkpointing(wrapped, ActivationCheckpoint("block"))
+
+
+def plan_for(ckpt: dict, device="cpu", world=1, fsdp=False, accumulation=1, **levers):
+    """The plan of make(**ckpt)'s model, compiled, on `device`."""
+    flags = dict(n_layer=3, n_head=4, n_embd=32, block_size=32, batch_size=4, bias=True,
+                 compile=True, gradient_checkpointing=bool(ckpt), gradient_accumulation_steps=accumulation,
+                 fsdp=fsdp, **ckpt, **levers)
+    return plan_of(TrainConfig.from_flags(**flags), 65, device, world=world, fsdp=fsdp)
 
 
 @pytest.mark.parametrize("ckpt, lean, per_block", [
@@ -148,14 +157,36 @@ def test_compile_unit_follows_the_plan(ckpt, lean, per_block):
     is traced here)."""
     from neuromanifold_gpt import distributed
 
-    model = make(**ckpt)
-    model.config.memory_levers.lean_loss = lean
-    distributed.parallelize(model, distributed.DistInfo(), torch.device("cpu"), compile=True,
-                            graphs=False)
+    plan = plan_for(ckpt, lean_loss=lean)
+    assert plan.compile_unit == ("block" if per_block else "model")
+    model = NeuroManifoldGPT(plan.model)
+    distributed.parallelize(model, plan)
     compiled = lambda m: getattr(m, "_compiled_call_impl", None) is not None  # noqa: E731
     assert compiled(model) is not per_block
     assert all(compiled(b) is per_block for b in model.transformer.h)
     assert hasattr(model.loss, "_torchdynamo_orig_callable") is per_block
+    assert (model.lean_loss is not None) is lean
+    assert ckpt.get("checkpoint_policy") in (None, *{getattr(m, "_checkpoint_policy", None)
+                                                      for m in model.modules()})
+
+
+@pytest.mark.parametrize("unit, lean", [("model", True), ("block", False)])
+def test_compile_unit_and_cuda_graphs_are_the_configs_to_set(unit, lean):
+    """What the bench compares: the unit asked for wins over the one the levers would choose,
+    and graphs asked off stay off where they could replay."""
+    plan = plan_for({}, "cuda", lean_loss=lean, compile_unit=unit, cuda_graphs=False)
+    assert (plan.compile_unit, plan.cuda_graphs) == (unit, False)
+    assert plan_for({}, "cuda", lean_loss=lean).cuda_graphs is True
+
+
+@pytest.mark.parametrize("flags, line", [
+    (dict(compile_unit="model", fsdp=True, world=2, accumulation=2), "compile_unit=model cannot hold FSDP2"),
+    (dict(cuda_graphs=True, accumulation=2), "cuda_graphs=true needs a single process"),
+    (dict(cuda_graphs=True, device="cpu"), "cuda_graphs=true needs a CUDA device"),
+])
+def test_compile_settings_that_cannot_work_are_refused(flags, line):
+    with pytest.raises(BadInput, match=line):
+        plan_for({}, **{"device": "cuda", **flags})
 
 
 @pytest.mark.parametrize("policy, lean, device, parallelism, micro_steps, offload, graphs", [
@@ -172,7 +203,7 @@ def test_compiled_code_replays_cuda_graphs_only_where_they_are_safe(
     model: in a single process on CUDA with one micro-step a step; not under DDP or FSDP2,
     whose hooks and collectives sit between the blocks, not with several micro-steps, whose
     gradients a replay would overwrite, not with activations offloaded to the host, whose
-    copies between the graphs made the step 25 times slower. Nothing runs here: compile's
+    copies between the graphs cost more than the graphs save. Nothing runs here: compile's
     mode is what is asked for."""
     from neuromanifold_gpt import distributed
 
@@ -182,36 +213,33 @@ def test_compiled_code_replays_cuda_graphs_only_where_they_are_safe(
     monkeypatch.setattr(distributed, "DDP", lambda model, **kw: model)
     monkeypatch.setattr(distributed, "init_device_mesh", lambda *a: None)
     monkeypatch.setattr(distributed, "fully_shard", lambda *a, **kw: None)
-    model = make(**(dict(checkpoint_policy=policy) if policy != "none" else {}))
-    model.config.memory_levers.lean_loss = lean
-    model.config.memory_levers.offload_activations = offload
-    info = distributed.DistInfo(world_size=1 if parallelism == "none" else 2, parallelism=parallelism)
-    replays = distributed.replays_graphs(model.config, info, torch.device(device), True, micro_steps)
-    assert replays is graphs
-    distributed.parallelize(model, info, torch.device(device), compile=True, graphs=replays)
-    units = len(model.transformer.h) + 1 if parallelism == "fsdp" or lean else 1
+    world = 1 if parallelism == "none" else 2
+    plan = plan_for(dict(checkpoint_policy=policy) if policy != "none" else {}, device, world,
+                    parallelism == "fsdp", micro_steps * world, lean_loss=lean, offload_activations=offload)
+    assert plan.cuda_graphs is graphs
+    distributed.parallelize(NeuroManifoldGPT(plan.model), plan)
+    units = len(plan.layers or range(3)) + 1 if parallelism == "fsdp" or lean else 1
     assert modes == [("reduce-overhead" if graphs else None)] * units
 
 
-def test_the_trainer_tells_the_compile_plan_its_micro_steps(monkeypatch, data_dir):
-    """Several micro-steps a step must reach distributed.cuda_graphs, which then leaves the
-    graphs out (a replay would overwrite the gradients kept between micro-steps); the Trainer
-    compiles the blocks by the same decision it marks its steps by."""
+def test_the_trainer_builds_what_its_plan_says(monkeypatch, data_dir):
+    """Several micro-steps a step leave the graphs out (a replay would overwrite the gradients
+    kept between micro-steps); the Trainer compiles the blocks by the same plan it marks its
+    steps by."""
     from neuromanifold_gpt import distributed
     from neuromanifold_gpt.config.cli import parse_args
-    from neuromanifold_gpt.trainer import Trainer
+    from neuromanifold_gpt.trainer import Trainer, plan_run
 
-    seen, handed = [], []
-    monkeypatch.setattr(distributed, "cuda_graphs", lambda info, device, steps: not seen.append(steps))
+    handed = []
     parallelize = distributed.parallelize
-    monkeypatch.setattr(distributed, "parallelize", lambda model, info, device, compile, graphs: (
-        handed.append(graphs) or parallelize(model, info, device, compile, graphs)))
+    monkeypatch.setattr(distributed, "parallelize", lambda model, plan: (
+        handed.append(plan) or parallelize(model, plan)))
     cfg = parse_args(["--data_dir", str(data_dir), "--dataset", "tiny", "--n_layer", "2", "--n_head", "2",
                       "--n_embd", "32", "--batch_size", "2", "--block_size", "16", "--compile", "true",
                       "--gradient_checkpointing", "true", "--lean_loss", "true",
                       "--gradient_accumulation_steps", "3"])
-    trainer = Trainer(cfg, quiet=True)
+    trainer = Trainer(cfg, *plan_run(cfg), quiet=True)
     trainer.build()  # compile is lazy: nothing is traced here
-    assert seen and set(seen) == {3}
-    assert trainer.graphs  # what the trainer marks each step for is what the blocks compiled to
-    assert handed == [True]
+    assert handed == [trainer.plan]
+    assert trainer.plan.micro_steps == 3 and trainer.plan.compile_unit == "block"
+    assert [getattr(b, "_checkpoint_policy", None) for b in trainer.model.transformer.h] == ["block"] * 2

@@ -28,7 +28,7 @@ from neuromanifold_gpt.data import BatchLoader
 from neuromanifold_gpt.launch import training_command
 from neuromanifold_gpt.model import NeuroManifoldGPT
 from neuromanifold_gpt.params import processes, run_files, training_args
-from neuromanifold_gpt.trainer import Trainer, train
+from neuromanifold_gpt.trainer import Trainer, plan_run, train
 from tests.conftest import ROOT
 
 RTOL = 1e-5
@@ -50,12 +50,12 @@ def reference(args):
     k here takes the next batch of stream k % 2, the batches the two ranks train on together."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks
-    trainer = Trainer(parse_args(args), quiet=True)
+    cfg = parse_args(args)
+    trainer = Trainer(cfg, *plan_run(cfg), quiet=True)
     trainer.build()
-    cfg = trainer.cfg
     streams = [trainer.loader.get_batch] + [
-        BatchLoader(cfg.data_dir, cfg.dataset, trainer.batch_size, trainer.block_size,
-                    trainer.device, seed=cfg.seed + r).get_batch for r in range(1, WORLD)]
+        BatchLoader(cfg.data.data_dir, cfg.data.dataset, trainer.batch_size, trainer.block_size,
+                    trainer.device, seed=cfg.system.seed + r).get_batch for r in range(1, WORLD)]
     turn, own = itertools.cycle(streams), trainer.loader.get_batch
     trainer.loader.get_batch = lambda split: next(turn)(split) if split == "train" else own(split)
     record, losses = trainer.run()
@@ -123,7 +123,7 @@ def test_fsdp_block_trains_like_one_process_and_resumes(args, reference, tmp_pat
     # the snapshot holds full tensors under the model's own names: a plain model loads it
     state = torch.load(tmp_path / "out" / "snapshot.pt", weights_only=True)
     assert len(state["rng"]) == WORLD
-    model = NeuroManifoldGPT(Trainer(parse_args(args), quiet=True).model_config)
+    model = NeuroManifoldGPT(plan_run(parse_args(args))[0].model)
     model.load_state_dict(state["model"])
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, reference["state"][name], rtol=RTOL, atol=1e-6)

@@ -11,6 +11,7 @@ import torch._dynamo
 import train
 from neuromanifold_gpt import build_model, levers
 from neuromanifold_gpt.config.base import ActivationCheckpoint, MemoryLevers, NeuroManifoldConfig, TrainConfig
+from neuromanifold_gpt.loss import LinearCrossEntropyLoss
 from tests.conftest import one_line_error
 
 BACKEND = "aot_eager_decomp_partition"
@@ -20,11 +21,12 @@ B, T, C, L, V = 2, 32, 32, 2, 97
 def _model(policy: str | None = None, lean_loss: bool = False):
     """policy: checkpoint every block with it (None = no checkpointing)."""
     torch.manual_seed(0)
-    return build_model(NeuroManifoldConfig(
+    model = build_model(NeuroManifoldConfig(
         block_size=T, vocab_size=V, n_layer=L, n_head=2, n_embd=C, dropout=0.0,
-        gradient_checkpointing=policy is not None,
-        activation_checkpoint=ActivationCheckpoint(checkpoint_policy=policy or "block"),
-        memory_levers=MemoryLevers(lean_loss=lean_loss)))
+        gradient_checkpointing=policy is not None), ActivationCheckpoint(checkpoint_policy=policy or "block"))
+    if lean_loss:
+        model.lean_loss = LinearCrossEntropyLoss()
+    return model
 
 
 def _loss_and_grads(model, x, context=None):
@@ -150,7 +152,7 @@ def test_cli_refuses_optimizer_in_backward_with_clipping(capsys):
 
 
 def test_compile_defaults_to_auto():
-    assert TrainConfig().compile is None  # on CUDA on, on the CPU off (resolved by the Trainer)
+    assert TrainConfig().compile.enable is None  # on CUDA on, on the CPU off (resolved by the planner)
 
 
 def test_optimizer_in_backward_does_not_keep_the_model_alive():

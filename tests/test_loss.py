@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuromanifold_gpt import build_model
-from neuromanifold_gpt.config.base import MemoryLevers, NeuroManifoldConfig
+from neuromanifold_gpt.config.base import NeuroManifoldConfig
 from neuromanifold_gpt.loss import (
     CHUNK_BYTES,
+    LinearCrossEntropyLoss,
     _chunk_loss_and_grad,
     _compiled_chunk_loss_and_grad,
     chunk_tokens,
@@ -112,7 +113,8 @@ def _model_pair(**kw):
     torch.manual_seed(0)
     plain = build_model(NeuroManifoldConfig(**cfg))
     torch.manual_seed(0)
-    lean = build_model(NeuroManifoldConfig(memory_levers=MemoryLevers(lean_loss=True), **cfg))
+    lean = build_model(NeuroManifoldConfig(**cfg))
+    lean.lean_loss = LinearCrossEntropyLoss()
     return plain, lean
 
 
@@ -153,7 +155,7 @@ def test_never_materialises_the_full_logits():
     sizes = {}
     for name, model in (("plain", plain), ("lean", lean)):
         if name == "lean":
-            model.lean_loss.forward = lambda h, w, t: linear_cross_entropy(h, w, t, chunk=chunk)
+            model.lean_loss = LinearCrossEntropyLoss(chunk)
         with _LargestTensor() as mode:
             model(x, x)[1].backward()
         sizes[name] = mode.largest

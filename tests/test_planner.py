@@ -13,36 +13,43 @@ import train
 from neuromanifold_gpt import build_model, planner
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
+from neuromanifold_gpt.distributed import DistInfo
 from neuromanifold_gpt.planner import (
     HEADROOM,
     LEAN_MIN_VOCAB,
     PLANS,
-    Planner,
+    largest_batch,
+    make_plan,
     oom_advice,
-    resolve_auto,
 )
-from neuromanifold_gpt.predictor import GIB
-from tests.conftest import one_line_error
+from neuromanifold_gpt.predictor import GIB, predict
+from tests.conftest import one_line_error, plan_of
 
 GPT2_VOCAB = 50257
-H200 = Planner(GPT2_VOCAB, "cuda", torch.bfloat16)
 
 
-def gpt2(**kw) -> TrainConfig:
-    return TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True, **kw)
+def gpt2(**kw):
+    """GPT-2 124M at 12 x 1024 on a CUDA device, compiled, as a plan."""
+    return plan_of(TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True,
+                                          **kw), GPT2_VOCAB, "cuda")
+
+
+def cuda_plan(cfg, free_gb, device_gb):
+    return make_plan(cfg, GPT2_VOCAB, torch.device("cuda"), torch.bfloat16, DistInfo(), free_gb, device_gb)
 
 
 def test_left_to_the_machine_compile_and_lean_loss_follow_device_and_size():
     def auto(preset, device, vocab, **kw):
-        cfg = resolve_auto(TrainConfig.from_flags(preset=preset, **kw), vocab, device)
-        return cfg.compile, cfg.memory_levers.lean_loss
+        plan = plan_of(TrainConfig.from_flags(preset=preset, **kw), vocab, device)
+        return plan.compile, plan.levers.lean_loss
 
     assert auto("gpt2", "cuda", GPT2_VOCAB) == (True, True)  # the logits outweigh the rest
     assert auto("gpt2", "cuda", GPT2_VOCAB, lean_loss=False) == (True, False)
     assert auto("gpt2", "cuda", LEAN_MIN_VOCAB - 1) == (True, False)
     assert auto("gpt2", "cuda", LEAN_MIN_VOCAB) == (True, True)
     cfg = TrainConfig.from_flags(preset="gpt2")
-    assert H200.setup(cfg, 139.3, 139.8).lines[0] == "compile: on (auto); memory levers: lean loss (auto)"
+    assert cuda_plan(cfg, 139.3, 139.8)[1].lines[0] == ("compile: on (auto), block by block; memory "
+                                                        "levers: lean loss (auto)")
     assert auto("shakespeare_char", "cuda", 65) == (False, False)  # eager was as fast, no logits to spare
     assert auto("gpt2", "cpu", GPT2_VOCAB) == (False, False)
     assert auto("gpt2", "cpu", GPT2_VOCAB, lean_loss=True) == (False, True)
@@ -50,10 +57,10 @@ def test_left_to_the_machine_compile_and_lean_loss_follow_device_and_size():
 
 
 def test_batch_size_auto_is_read_from_the_command_line_and_config_files(tmp_path, capsys):
-    assert parse_args(["--batch_size", "auto"]).batch_size == "auto"
+    assert parse_args(["--batch_size", "auto"]).data.batch_size == "auto"
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('batch_size = "auto"\n')
-    assert parse_args(["--config", str(cfg_file)]).batch_size == "auto"
+    assert parse_args(["--config", str(cfg_file)]).data.batch_size == "auto"
     assert train.main(["--batch_size", "many"]) == 2
     assert one_line_error(capsys).strip() == ("error: batch_size='many' on the command line is not "
                                              "valid: expected an integer or auto")
@@ -74,9 +81,8 @@ def test_batch_size_auto_trains_at_the_recommended_batch(data_dir, tmp_path, cap
     m = json.loads((tmp_path / "m.json").read_text())
     b = m["recommended_batch_size"]
     assert m["batch_size"] == b > 1
-    cfg = parse_args(_args(data_dir, tmp_path))
-    p = Planner(65, "cpu", torch.float32)
-    assert p.predict(cfg, b).peak_gb <= HEADROOM["cpu"] * free < p.predict(cfg, b + 1).peak_gb
+    p = plan_of(parse_args(_args(data_dir, tmp_path)), 65)
+    assert predict(p, b).peak_gb <= HEADROOM["cpu"] * free < predict(p, b + 1).peak_gb
     out = capsys.readouterr().out
     assert f"batch size: auto, so the recommended {b}" in out
     assert f"tokens per iteration will be: {b * 16:,} (1 x {b} x 16)" in out
@@ -85,29 +91,41 @@ def test_batch_size_auto_trains_at_the_recommended_batch(data_dir, tmp_path, cap
 @pytest.mark.parametrize("compile, winner", [(True, "--gradient_checkpointing true"),
                                              (False, "--lean_loss true")])  # eager: 12 bytes per logit
 def test_report_names_the_lever_that_buys_the_most(compile, winner):
-    cfg = planner._with(gpt2(lean_loss=False), compile=compile)
-    setup = H200.setup(cfg, free_gb=139.3, device_gb=139.8)
+    cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=compile,
+                                 lean_loss=False)
+    plan, report = cuda_plan(cfg, free_gb=139.3, device_gb=139.8)
     limit = HEADROOM["cuda"] * 139.3
-    lean = H200.largest_batch(planner._with(cfg, lean_loss=True), limit)
-    block = H200.largest_batch(planner._with(cfg, **planner.BLOCK), limit)
+    lean = largest_batch(plan.replace(lean_loss=True), limit)
+    block = largest_batch(plan.replace(**planner.BLOCK), limit)
     flag, best = ("--lean_loss true", lean) if lean >= block else ("--gradient_checkpointing true", block)
-    assert flag == winner and best > setup.recommended == H200.largest_batch(cfg, limit)
-    assert setup.lines[-1] == (f"recommended batch size: {setup.recommended} (with {flag}: {best}) "
-                               f"for 139.3 GiB free of 139.8 GiB (cuda)")
+    assert flag == winner and best > report.recommended == largest_batch(plan, limit)
+    assert report.lines[-1] == (f"recommended batch size: {report.recommended} (with {flag}: {best}) "
+                                f"for 139.3 GiB free of 139.8 GiB (cuda)")
     # with every lever already on, none is named
-    lean_block = H200.setup(gpt2(lean_loss=True, **planner.BLOCK), 139.3, 139.8)
+    _, lean_block = cuda_plan(cfg.with_flags(lean_loss=True, **planner.BLOCK), 139.3, 139.8)
     assert lean_block.lever is None and "(with" not in lean_block.lines[-1]
 
 
+def test_a_policy_other_than_block_is_offered_block_by_its_own_flag():
+    cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True,
+                                 lean_loss=True, gradient_checkpointing=True, checkpoint_policy="mlp")
+    plan, report = cuda_plan(cfg, free_gb=139.3, device_gb=139.8)
+    assert report.lever[0] == "--checkpoint_policy block"
+    assert report.lever[1] == largest_batch(plan.replace(checkpoint_policy="block"), HEADROOM["cuda"] * 139.3)
+    assert "(with --checkpoint_policy block: " in report.lines[-1]
+
+
 def test_out_of_memory_advice_is_the_largest_batch_predicted_to_fit():
-    setup = H200.setup(gpt2(lean_loss=False), free_gb=80.0, device_gb=80.0)
+    gpt2_cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True,
+                                      lean_loss=False)
+    _, setup = cuda_plan(gpt2_cfg, free_gb=80.0, device_gb=80.0)
     rec = setup.recommended
     b, text = oom_advice(setup, rec + 50)
     assert b == min(rec, math.floor(HEADROOM["cuda"] * (rec + 50)))
     assert text.startswith(f"--batch_size {b} (or ")
     # the prediction said it fits, yet it ran out: a margin below what failed, not one less
     assert oom_advice(setup, rec)[0] == math.floor(HEADROOM["cuda"] * rec) < rec - 1
-    tiny = H200.setup(gpt2(lean_loss=False), free_gb=0.5, device_gb=0.5)
+    _, tiny = cuda_plan(gpt2_cfg, free_gb=0.5, device_gb=0.5)
     assert oom_advice(tiny, 12) == (0, "batch_size 1 does not fit either; use a smaller model or "
                                         "block_size")
 
@@ -119,14 +137,15 @@ COSTS = {"hardware": "test", "step_ratio": {"none": 1.0, "selective": 1.1, "none
 @pytest.mark.parametrize("budget", [20.0, 6.0, 5.3, 3.0])
 def test_budget_picks_the_fastest_plan_predicted_to_fit(budget, monkeypatch):
     monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
-    label, plan, lines = H200.fastest_plan(gpt2(), budget)
-    peaks = {lbl: H200.predict(planner._with(gpt2(), **{**planner.PLAN_DEFAULTS, **kw})).peak_gb
-             for lbl, kw in PLANS if lbl in COSTS["step_ratio"]}
+    label, plan, lines = planner.fastest_plan(gpt2(), budget)
+    peaks = {lbl: predict(p).peak_gb for lbl, p, _ in planner.candidates(gpt2(), COSTS["step_ratio"])}
+    assert set(peaks) == set(COSTS["step_ratio"])
     fits = [lbl for lbl in peaks if peaks[lbl] <= planner.BUDGET_MARGIN * budget]
     assert label == min(fits, key=lambda lbl: COSTS["step_ratio"][lbl])
     assert peaks[label] <= planner.BUDGET_MARGIN * budget
     # the plan is applied whole: its policy, its loss, nothing of the run's own levers left
-    assert dict(PLANS)[label].items() <= plan.to_dict().items()
+    assert dict(PLANS)[label].items() <= planner._flags_of(plan).items()
+    assert not plan.levers.offload_activations and not plan.levers.optimizer_in_backward
     assert lines == [f"memory plan for {budget:g} GiB: {label} (predicted peak {peaks[label]:.2f} GiB, "
                      f"step {COSTS['step_ratio'][label]:.2f}x the fastest plan's as measured on test)"]
 
@@ -136,21 +155,21 @@ def test_plans_are_ranked_by_their_measured_steps_alone(monkeypatch):
     # or a compile unit that suits it better), and is taken as measured
     measured = {"none": 1.0, "none +lean": 1.59, "block +lean": 1.32}
     monkeypatch.setattr(planner, "load_costs", lambda: dict(hardware="test", step_ratio=measured))
-    label, _, lines = H200.fastest_plan(gpt2(), 20.0)
+    label, _, lines = planner.fastest_plan(gpt2(), 20.0)
     assert label == "none" and "step 1.00x the fastest plan's" in lines[0]
-    none_lean = H200.predict(planner._with(gpt2(), **dict(PLANS)["none +lean"])).peak_gb
-    none = H200.predict(planner._with(gpt2(), **dict(PLANS)["none"])).peak_gb
+    none_lean = predict(gpt2().replace(**dict(PLANS)["none +lean"])).peak_gb
+    none = predict(gpt2().replace(**dict(PLANS)["none"])).peak_gb
     assert none_lean < none  # a budget between them fits both lean plans and not the plain one
-    label, _, lines = H200.fastest_plan(gpt2(), (none + none_lean) / 2 / planner.BUDGET_MARGIN)
+    label, _, lines = planner.fastest_plan(gpt2(), (none + none_lean) / 2 / planner.BUDGET_MARGIN)
     assert label == "block +lean" and "step 1.32x the fastest plan's" in lines[0]
 
 
 def test_budget_leaves_a_margin_for_the_predictor(monkeypatch):
     monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
-    none = H200.predict(planner._with(gpt2(), **dict(PLANS)["none"])).peak_gb
-    assert H200.fastest_plan(gpt2(), none / planner.BUDGET_MARGIN)[0] == "none"
+    none = predict(gpt2().replace(**dict(PLANS)["none"])).peak_gb
+    assert planner.fastest_plan(gpt2(), none / planner.BUDGET_MARGIN)[0] == "none"
     # predicted to fit, but closer to the budget than the predictor's error: a leaner plan
-    assert H200.fastest_plan(gpt2(), 1.02 * none)[0] != "none"
+    assert planner.fastest_plan(gpt2(), 1.02 * none)[0] != "none"
 
 
 def test_budget_that_nothing_fits_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
@@ -200,22 +219,22 @@ def test_fsdp_prediction_matches_the_real_shards(world):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from neuromanifold_gpt.distributed import DistInfo, parallelize
+    from neuromanifold_gpt.distributed import parallelize
 
     cfg = TrainConfig.from_flags(preset="gpt2", n_layer=3, n_embd=36, n_head=2, batch_size=2,
-                                 block_size=16, fsdp=True, lean_loss=False)
+                                 block_size=16, fsdp=True, lean_loss=False,
+                                 gradient_accumulation_steps=world)
     mc = cfg.model_config(200, 16)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         model = build_model(mc)
         full = {name: p.numel() for name, p in model.named_parameters()}
-        parallelize(model, DistInfo(0, 0, world, "fsdp"), torch.device("cpu"), compile=False,
-                    graphs=False)
+        parallelize(model, plan_of(cfg, 200, world=world, fsdp=True))
         local = sum(p.to_local().numel() for p in model.parameters())
     finally:
         dist.destroy_process_group()
-    p = Planner(200, "cpu", torch.float32, world_size=world).predict(cfg)
-    one = Planner(200, "cpu", torch.float32).predict(cfg)
+    p = predict(plan_of(cfg, 200, world=world, fsdp=True))
+    one = predict(plan_of(cfg.with_flags(fsdp=False, gradient_accumulation_steps=1), 200))
     assert local < sum(full.values()) / world + 3 * len(full)  # about 1/world, rows rounded up
     assert p.phases["optimizer step"] * GIB == 16 * local  # weights, gradients, AdamW: shards
     block = sum(v for k, v in full.items() if k.startswith("transformer.h.0."))

@@ -13,11 +13,12 @@ import train
 from neuromanifold_gpt import build_model, levers
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.data import write_dataset
+from neuromanifold_gpt.loss import LinearCrossEntropyLoss
 from neuromanifold_gpt.optim import make_optimizer
-from neuromanifold_gpt.planner import Planner
+from neuromanifold_gpt.planner import largest_batch
 from neuromanifold_gpt.predictor import GIB, predict
 from neuromanifold_gpt.trainer import Trainer
-from tests.conftest import one_line_error
+from tests.conftest import one_line_error, plan_of
 
 VOCAB = 200
 
@@ -25,10 +26,10 @@ VOCAB = 200
 @pytest.mark.parametrize("preset, bias", [("gpt2", None), ("shakespeare_char", None),
                                           ("gpt2", False)])
 def test_weights_gradients_and_adamw_states_are_counted_exactly(preset, bias):
-    cfg = TrainConfig(preset=preset, bias=bias)
+    cfg = TrainConfig.from_flags(preset=preset, bias=bias)
     with torch.device("meta"):
         n = sum(p.numel() for p in build_model(cfg.model_config(VOCAB, 128)).parameters())
-    p = predict(cfg, VOCAB, "cpu", torch.float32, compile=False)
+    p = predict(plan_of(cfg, VOCAB))
     b = p.breakdown
     assert b["params"] * GIB == 4 * n and b["optimizer"] * GIB == 8 * n
     assert p.phases["optimizer step"] * GIB == 16 * n  # weights + grads + AdamW, nothing else
@@ -41,8 +42,10 @@ def _tracked_peak_gb(cfg: TrainConfig, dtype: torch.dtype) -> float:
 
     B, T = cfg.resolved_batch("cpu")
     torch.manual_seed(0)
-    model = build_model(cfg.model_config(VOCAB, T))
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    model = build_model(cfg.model_config(VOCAB, T), cfg.activation_checkpoint)
+    if cfg.memory_levers.lean_loss:
+        model.lean_loss = LinearCrossEntropyLoss()
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.memory_levers, torch.device("cpu"))
     x = torch.randint(0, VOCAB, (B, T))
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
@@ -50,8 +53,8 @@ def _tracked_peak_gb(cfg: TrainConfig, dtype: torch.dtype) -> float:
         with autocast, levers.forward_context(cfg.memory_levers):
             loss = model(x, x)[1]
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -77,16 +80,16 @@ def test_eager_prediction_within_10_percent_of_counted_peak(overrides, dtype):
     cfg = TrainConfig.from_flags(preset="gpt2", n_layer=3, n_embd=128, n_head=4, batch_size=4,
                                  block_size=128, **overrides)
     measured = _tracked_peak_gb(cfg, dtype)
-    predicted = predict(cfg, VOCAB, "cpu", dtype, compile=False).peak_gb
+    predicted = predict(plan_of(cfg, VOCAB, dtype=dtype)).peak_gb
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
 
 
 def test_levers_lower_the_prediction_where_they_act():
     def peak(**kw):
         cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, **kw)
-        return predict(cfg, 50257, "cuda", torch.bfloat16, compile=True).peak_gb
+        return predict(plan_of(cfg.with_flags(compile=True), 50257, "cuda")).peak_gb
 
-    plain, lean = peak(), peak(lean_loss=True)
+    plain, lean = peak(lean_loss=False), peak(lean_loss=True)
     block = peak(lean_loss=True, gradient_checkpointing=True)
     budget = peak(lean_loss=True, activation_memory_budget=0.25)
     offload = peak(lean_loss=True, gradient_checkpointing=True, offload_activations=True)
@@ -97,23 +100,20 @@ def test_levers_lower_the_prediction_where_they_act():
 def test_the_cuda_lean_loss_holds_one_chunk_of_logits_in_the_compute_dtype():
     """On CUDA the compiled chunk arithmetic writes the logits' gradient over them: the loss's
     phase grows by one bf16 (c, V) buffer per token of chunk, not two."""
-    from neuromanifold_gpt import predictor
-
-    cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, lean_loss=True)
-    loss_gib = {}
-    for c in (512, 2048):
-        with mock.patch.object(predictor, "chunk_tokens", lambda n, v, c=c: c):
-            loss_gib[c] = predict(cfg, 50257, "cuda", torch.bfloat16, compile=True).phases["loss"]
+    cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, lean_loss=True,
+                                 compile=True)
+    loss_gib = {c: predict(plan_of(cfg.with_flags(loss_chunk_tokens=c), 50257, "cuda")).phases["loss"]
+                for c in (512, 2048)}
     head_rows = cfg.model_config(50257).padded_vocab_size  # 50304
     assert (loss_gib[2048] - loss_gib[512]) * GIB == pytest.approx(2 * (2048 - 512) * head_rows)
 
 
 def test_largest_batch_is_the_largest_that_fits():
-    cfg = TrainConfig.from_flags(preset="gpt2", block_size=1024, compile=True, lean_loss=False)
-    planner = Planner(50257, "cuda", torch.bfloat16)
-    b = planner.largest_batch(cfg, 36.0)
-    assert planner.predict(cfg, b).peak_gb <= 36.0 < planner.predict(cfg, b + 1).peak_gb
-    assert planner.largest_batch(cfg, 0.5) == 0  # not even one sequence
+    plan = plan_of(TrainConfig.from_flags(preset="gpt2", block_size=1024, compile=True, lean_loss=False),
+                   50257, "cuda")
+    b = largest_batch(plan, 36.0)
+    assert predict(plan, b).peak_gb <= 36.0 < predict(plan, b + 1).peak_gb
+    assert largest_batch(plan, 0.5) == 0  # not even one sequence
 
 
 def _args(data_dir, tmp_path, *extra):

@@ -13,19 +13,16 @@ import typing
 from pathlib import Path
 
 from ..errors import BadInput
-from .base import SECTIONS, TrainConfig
+from .base import TrainConfig, flags
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
 def _flags() -> dict:
-    """Every flat key -> its type hint: TrainConfig's own fields, then its sections' fields."""
-    hints = typing.get_type_hints(TrainConfig)
-    flags = {name: hint for name, hint in hints.items() if name not in SECTIONS}
-    for section in SECTIONS.values():
-        flags.update(typing.get_type_hints(section))
-    return flags
+    """Every flat key -> its type hint (a Literal of names is a string checked by its section)."""
+    return {name: str if typing.get_origin(hint) is typing.Literal else hint
+            for name, hint in flags().items()}
 
 
 def _field_types() -> dict[str, tuple[type, bool, bool]]:

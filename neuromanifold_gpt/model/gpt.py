@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from ..config.base import NeuroManifoldConfig
 from ..errors import BadInput
-from ..loss import LinearCrossEntropyLoss
 from .block import NeuroManifoldBlock
 
 
@@ -27,8 +26,10 @@ class NeuroManifoldGPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        # head + loss without the logits (no parameters of its own; see neuromanifold_gpt/loss.py)
-        self.lean_loss = LinearCrossEntropyLoss() if config.memory_levers.lean_loss else None
+        # a loss module that takes the hidden states and the head's weight instead of the logits
+        # (no parameters of its own): set from outside as a run's plan asks, see
+        # distributed.parallelize and neuromanifold_gpt/loss.py; None is the plain cross-entropy
+        self.lean_loss = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):
