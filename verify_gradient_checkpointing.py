@@ -27,7 +27,7 @@ from neuromanifold_gpt.errors import (
 )
 from neuromanifold_gpt.files import check_output
 from neuromanifold_gpt.launch import plan_run, run_training
-from neuromanifold_gpt.params import PER_RUN_FLAGS, RUNS, load_params
+from neuromanifold_gpt.params import PER_RUN_FLAGS, RUNS, check_criteria, load_params, run_device_type
 from neuromanifold_gpt.verify import report, verify_pairs
 
 
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     if reserved:
         raise BadInput(f"{reserved[0]} is set by this script for each run; drop it")
     params = load_params("train", "sizes", "checkpointing", "verify", path=args.params)
+    check_criteria(params, run_device_type(params), args.size)  # before minutes of training
     # both runs are planned before either starts: bad settings stop it with nothing written
     plans = {run: plan_run(params, args.size, run, args.out, overrides) for run in RUNS}
     with holding(Path(args.out)):
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> int:
                 return EXIT_FAILED
         results = verify_pairs(params, [args.size], args.out)
     print(f"\n{report(results)}")
-    return 0 if results[0]["passed"] else EXIT_FAILED
+    return 0 if results[0].passed else EXIT_FAILED
 
 
 if __name__ == "__main__":

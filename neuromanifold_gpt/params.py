@@ -3,10 +3,12 @@ arguments for the baseline and the checkpointed run of each model size (launch.p
 them) and the verify criteria.
 
 A params.yaml value written {cpu: A, cuda: B} means A on CPU and B on CUDA, for the device
-the runs land on; a `verify` value may further be {SIZE: value, ...} per model size."""
+the runs land on; a `verify` value may further be {POLICY: value, ...} per recompute policy
+and then {SIZE: value, ...} per model size, each level optional, in that order."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import fields
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .config.base import ActivationCheckpoint
+from .config.base import POLICIES, ActivationCheckpoint
 from .config.cli import coerce, parse_args
 from .errors import BadInput
 
@@ -26,6 +28,7 @@ VERIFY_KEYS = ("threshold_pct", "expected_range_pct", "loss_tolerance")
 # what params.yaml's `checkpointing:` (the checkpointed run only) may set
 CHECKPOINTING_KEYS = ("gradient_checkpointing", *(f.name for f in fields(ActivationCheckpoint)))
 # train.py flags set per run by the pipeline (and verify_gradient_checkpointing.py)
+MAX_PARAMS_BYTES = 1 << 20  # far above any params file; parsing more is refused, not attempted
 PER_RUN_FLAGS = ("gradient_checkpointing", "metrics_file", "memory_trace_file", "memory_timeline_file")
 
 
@@ -34,22 +37,37 @@ def load_params(*sections: str, path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path} not found; run from the project root or pass --params FILE")
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise BadInput(f"{path} is {path.stat().st_size:,} bytes, more than a params file's "
+                       f"{MAX_PARAMS_BYTES:,}; restore it from git")
     try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise BadInput(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    except ValueError:  # yaml converting an integer of more digits than Python converts
+        raise BadInput(f"{path} holds a number with too many digits; fix the file") from None
+    except RecursionError:
+        raise BadInput(f"{path} is nested too deep to be a params file; fix the file") from None
+    if not isinstance(params, dict):
+        raise BadInput(f"{path} is not a mapping of sections (data:, train:, ...); restore it "
+                       f"from git")
     for section in sections:
-        if not isinstance((params or {}).get(section), dict):
+        if not isinstance(params.get(section), dict):
             raise BadInput(f"{path} has no `{section}:` section; restore it from git")
     return params
 
 
-def pick(value, device_type: str, size: str | None = None):
-    """A params value, narrowed to this device ({cpu: .., cuda: ..}) and then to this size."""
+def pick(value, device_type: str, size: str | None = None, policy: str | None = None):
+    """A params value, narrowed to this device ({cpu: .., cuda: ..}), then (given a policy) to
+    this recompute policy ({block: .., mlp: .., ...}), then (given a size) to this size."""
     if isinstance(value, dict) and value and set(value) <= set(DEVICES):
         if device_type not in value:
             raise BadInput(f"params.yaml value {value} has no `{device_type}:` entry; add one")
         value = value[device_type]
+    if policy is not None and isinstance(value, dict) and value and set(value) <= set(POLICIES):
+        if policy not in value:
+            raise BadInput(f"params.yaml value {value} has no `{policy}:` entry; add one")
+        value = value[policy]
     if size is not None and isinstance(value, dict):
         if size not in value:
             raise BadInput(f"params.yaml value {value} has no entry for size {size!r}; add one")
@@ -113,28 +131,47 @@ def processes(params: dict, device_type: str) -> int:
     return nproc
 
 
-def verify_criteria(params: dict, device_type: str, size: str) -> dict:
-    """params.yaml's verify values for one size on one device, checked: threshold_pct,
-    expected_range_pct (low, high) and loss_tolerance."""
-    v = params["verify"]
+def verify_criteria(params: dict, device_type: str, size: str, policy: str) -> dict:
+    """params.yaml's verify values for one size, policy and device, checked: threshold_pct in
+    [0, 100), expected_range_pct [low, high] within [0, 100] and loss_tolerance >= 0."""
+    v, where = params["verify"], f"for {size}, policy {policy}, on {device_type}"
     try:
-        threshold = _number(pick(v["threshold_pct"], device_type, size))
-        low, high = (_number(x) for x in pick(v["expected_range_pct"], device_type, size))
-        tolerance = _number(pick(v["loss_tolerance"], device_type, size))
+        threshold = _number(pick(v["threshold_pct"], device_type, size, policy))
+        low, high = (_number(x) for x in pick(v["expected_range_pct"], device_type, size, policy))
+        tolerance = _number(pick(v["loss_tolerance"], device_type, size, policy))
     except (KeyError, TypeError, ValueError) as e:
-        raise BadInput(f"params.yaml verify section is incomplete or malformed for {size} on "
-                         f"{device_type} ({e}); it needs threshold_pct, expected_range_pct: "
-                         f"[low, high], loss_tolerance, each a number") from None
-    if low > high or tolerance < 0:
-        raise BadInput(f"params.yaml verify for {size} on {device_type}: expected_range_pct "
-                         f"[{low:g}, {high:g}] must be [low, high] and loss_tolerance {tolerance:g} >= 0")
+        raise BadInput(f"params.yaml verify section is incomplete or malformed {where} ({e}); it "
+                       f"needs threshold_pct, expected_range_pct: [low, high], loss_tolerance, "
+                       f"each a number") from None
+    if not 0 <= threshold < 100:  # below 0, a run that used more memory would pass
+        raise BadInput(f"params.yaml verify.threshold_pct {where} is {threshold:g}; it must be in "
+                       f"[0, 100): a pass needs memory saved")
+    if not 0 <= low <= high <= 100:
+        raise BadInput(f"params.yaml verify.expected_range_pct {where} is [{low:g}, {high:g}]; "
+                       f"write [low, high] with 0 <= low <= high <= 100")
+    if tolerance < 0:
+        raise BadInput(f"params.yaml verify.loss_tolerance {where} is {tolerance:g}; it must be >= 0")
     return {"threshold_pct": threshold, "expected_range_pct": (low, high), "loss_tolerance": tolerance}
 
 
+def check_criteria(params: dict, device_type: str, size: str) -> None:
+    """verify_criteria for every policy: any may be chosen (`dvc exp run -S ...`, or
+    --checkpoint_policy for verify_gradient_checkpointing.py)."""
+    for policy in POLICIES:
+        verify_criteria(params, device_type, size, policy)
+
+
 def _number(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInput(f"{value!r} is not a finite number")
-    return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):  # an integer beyond any float
+            if math.isfinite(float(value)):
+                return float(value)
+    raise BadInput(f"{_short(value)} is not a finite number")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _only(section: dict, allowed, where: str, fix: str) -> None:
@@ -199,16 +236,23 @@ def validate(params: dict) -> None:
                     parse_args(args)
                 except ValueError as e:
                     raise BadInput(f"params.yaml sizes.{size}, {run} run on {device_type}: {e}") from None
-            verify_criteria(params, device_type, size)
+            check_criteria(params, device_type, size)
         for key in VERIFY_KEYS:
             _check_size_keys(params["verify"][key], params["sizes"], f"verify.{key}")
 
 
 def _check_size_keys(value, sizes: dict, where: str) -> None:
     """A per-size verify value names only sizes that exist (a typo would be silently unused)."""
-    for v in (value.values() if isinstance(value, dict) and set(value) <= set(DEVICES) else [value]):
-        if isinstance(v, dict):
-            unknown = [k for k in v if k not in sizes]
-            if unknown:
-                raise BadInput(f"params.yaml {where} names size {unknown[0]!r}, which is not in "
-                                 f"sizes ({', '.join(sizes)}); fix the name or remove it")
+    for per_device in _narrowed(value, DEVICES):
+        for v in _narrowed(per_device, POLICIES):
+            if isinstance(v, dict):
+                unknown = [k for k in v if k not in sizes]
+                if unknown:
+                    raise BadInput(f"params.yaml {where} names {unknown[0]!r}, which is neither a "
+                                   f"size ({', '.join(sizes)}) nor a policy ({', '.join(POLICIES)}); "
+                                   f"fix the name or remove it")
+
+
+def _narrowed(value, keys) -> list:
+    """The values under a {key: value} level of a params value, or the value itself."""
+    return list(value.values()) if isinstance(value, dict) and value and set(value) <= set(keys) else [value]

@@ -1,5 +1,5 @@
-"""What a run tells: the startup report, the log line, MFU, the run's metrics (or, after a
-CUDA out-of-memory, its OOM record) and the files they go to.
+"""What a run tells: the startup report, the log line, MFU, the run's record (record.py; after
+a CUDA out-of-memory or a non-finite loss, the record of that) and the files they go to.
 
 `trainer` below is a Trainer (neuromanifold_gpt/trainer.py) after its setup."""
 
@@ -12,8 +12,9 @@ import torch
 from . import distributed, planner
 from .config.base import TrainConfig
 from .device import device_name
-from .files import write_json, write_tsv
+from .files import write_tsv
 from .provenance import run_provenance
+from .record import RunRecord
 
 # Dense bf16 peak FLOP/s by the exact name torch.cuda.get_device_name gives, for MFU (the
 # vendor's datasheet figures, half the "with sparsity" ones). Matched whole: "NVIDIA L40S" is
@@ -79,88 +80,80 @@ def format_log_line(r: dict) -> str:
     return line + (", " + ", ".join(mem) if mem else "")
 
 
-def run_metrics(trainer, step_times, losses, evals, tokens_per_iter, peak) -> dict:
-    """The run's metrics file (plus `_losses`, the per-step losses, for the trace)."""
-    t, mc, cfg = trainer, trainer.plan.model, trainer.cfg
-    levers = t.plan.levers
+def _run_facts(trainer) -> dict:
+    """What every record of a run holds, whatever its outcome: the plan, the device, the code."""
+    t, plan = trainer, trainer.plan
+    mc, levers = plan.model, plan.levers
+    return dict(
+        preset=t.cfg.model.preset,
+        params=t.model.num_params() if t.model is not None else None,
+        gradient_checkpointing=mc.gradient_checkpointing,
+        policy=plan.policy,
+        checkpointed_blocks=len(plan.layers),
+        batch_size=t.batch_size, block_size=t.block_size,
+        gradient_accumulation_steps=plan.accumulation,
+        tokens_per_iter=t.batch_size * t.block_size * plan.accumulation,
+        iters=t.iter_num, device=t.device.type, device_name=device_name(t.device),
+        dtype=str(t.dtype).replace("torch.", ""),
+        **run_provenance(t.device),  # torch version, commit, dirty flag, training-code hash, CUDA version
+        world_size=t.dist.world_size, parallelism=t.dist.parallelism,
+        predicted_peak_gb=t.report.prediction.peak_gb, recommended_batch_size=t.report.recommended,
+        device_memory_gb=t.device_gb, compile=plan.compile, compile_unit=plan.compile_unit,
+        cuda_graphs=plan.cuda_graphs, lean_loss=levers.lean_loss,
+        offload_activations=levers.offload_activations,
+        optimizer_in_backward=levers.optimizer_in_backward,
+        activation_memory_budget=levers.activation_memory_budget)
+
+
+def run_record(trainer, step_times, losses, evals, peak) -> RunRecord:
+    """The record of a run that trained to its end."""
+    t = trainer
+    facts = _run_facts(t)
     step = statistics.median(step_times) if step_times else None
     measured = bool(t.memory.trace)
     # every rank's (peak, reserved); the run's figure is the largest
     peaks = distributed.gather((t.memory.peak_gb, t.memory.peak_reserved_gb))
-    return {
-        "preset": cfg.model.preset,
-        "params": t.model.num_params(),
-        "gradient_checkpointing": mc.gradient_checkpointing,
-        "policy": t.plan.policy,
-        "checkpointed_blocks": len(t.plan.layers),
-        "batch_size": t.batch_size,
-        "block_size": t.block_size,
-        "gradient_accumulation_steps": t.plan.accumulation,
-        "tokens_per_iter": tokens_per_iter,
-        "iters": t.iter_num,
-        "device": t.device.type,
-        "device_name": device_name(t.device),
-        "dtype": str(t.dtype).replace("torch.", ""),
-        **run_provenance(t.device),  # torch version, commit, dirty flag, training-code hash, CUDA version
-        "world_size": t.dist.world_size,
-        "parallelism": t.dist.parallelism,
-        "peak_memory_gb": max(p for p, _ in peaks) if measured else None,
-        "peak_memory_gb_per_rank": [p for p, _ in peaks] if measured else None,
-        "peak_reserved_gb": max(r for _, r in peaks) if measured else None,
-        "peak_memory_source": t.memory.source,
-        "predicted_peak_gb": t.report.prediction.peak_gb,
+    peak_gb = max(p for p, _ in peaks) if measured else None
+    return RunRecord(
+        **facts,
+        peak_memory_gb=peak_gb,
+        peak_memory_gb_per_rank=[p for p, _ in peaks] if measured else None,
+        peak_reserved_gb=max(r for _, r in peaks) if measured else None,
+        peak_memory_source=t.memory.source,
+        peak_rss_gb=max(r for _, r in peaks) if measured and t.device.type == "cpu" else None,
         # allocator peaks only: a CPU run measures the whole process's resident memory
-        "predicted/measured": t.report.prediction.peak_gb / max(p for p, _ in peaks)
+        predicted_over_measured=t.report.prediction.peak_gb / peak_gb
         if measured and t.device.type == "cuda" else None,
-        "recommended_batch_size": t.report.recommended,
-        "compile": t.plan.compile,
-        "compile_unit": t.plan.compile_unit,
-        "cuda_graphs": t.plan.cuda_graphs,
-        "lean_loss": levers.lean_loss,
-        "offload_activations": levers.offload_activations,
-        "optimizer_in_backward": levers.optimizer_in_backward,
-        "activation_memory_budget": levers.activation_memory_budget,
-        "step_time_ms": step * 1000 if step else None,
-        "tokens_per_sec": tokens_per_iter / step if step else None,
-        "mfu": flops_per_token(t.model) * tokens_per_iter / step / peak if step and peak else None,
-        "final_train_loss": evals.get("train"),
-        "final_val_loss": evals.get("val"),
-        "last_step_loss": losses[-1][1] if losses else None,
-        "oom": False,
-        "nonfinite_loss": False,
-        "_losses": losses,
-    }
+        step_time_ms=step * 1000 if step else None,
+        tokens_per_sec=facts["tokens_per_iter"] / step if step else None,
+        mfu=flops_per_token(t.model) * facts["tokens_per_iter"] / step / peak if step and peak else None,
+        final_train_loss=evals.get("train"),
+        final_val_loss=evals.get("val"),
+        last_step_loss=losses[-1][1] if losses else None)
 
 
-def oom_record(trainer, error: Exception) -> tuple[dict, str]:
-    """After a CUDA out-of-memory: the run's metrics (oom: true) and the one-line advice."""
+def oom_record(trainer, error: Exception) -> tuple[RunRecord, str]:
+    """After a CUDA out-of-memory: the run's record (oom: true) and the one-line advice."""
     t = trainer
     b, advice = planner.oom_advice(t.report, t.batch_size)
-    metrics = {"preset": t.cfg.model.preset, "oom": True, "error": str(error).splitlines()[0],
-               "batch_size": t.batch_size, "block_size": t.block_size,
-               "predicted_peak_gb": t.report.prediction.peak_gb,
-               "device_memory_gb": t.device_gb, "recommended_batch_size": b,
-               "device_name": device_name(t.device), **run_provenance(t.device)}
+    record = RunRecord(**_run_facts(t) | {"recommended_batch_size": b}, oom=True,
+                       error=str(error).splitlines()[0])
     message = (f"batch_size {t.batch_size} x {t.block_size} needs about "
                f"{t.report.prediction.peak_gb:.1f} GiB (predicted); the device has "
                f"{t.device_gb:.1f} GiB ({t.free_gb:.1f} GiB free at start); use {advice}")
-    return metrics, message
+    return record, message
 
 
-def nonfinite_record(trainer, error: Exception) -> dict:
-    """After the loss became NaN or infinite: the run's metrics, saying at which step."""
-    t = trainer
-    return {"preset": t.cfg.model.preset, "oom": False, "nonfinite_loss": True,
-            "nonfinite_step": t.iter_num, "error": str(error), "batch_size": t.batch_size,
-            "block_size": t.block_size, "learning_rate": t.cfg.optimizer.learning_rate,
-            "device": t.device.type, "device_name": device_name(t.device),
-            **run_provenance(t.device)}
+def nonfinite_record(trainer, error: Exception) -> RunRecord:
+    """After the loss became NaN or infinite: the run's record, saying at which step."""
+    return RunRecord(**_run_facts(trainer), nonfinite_loss=True, nonfinite_step=trainer.iter_num,
+                     error=str(error))
 
 
-def write_run_files(cfg: TrainConfig, metrics: dict, trace_rows: list[tuple]) -> None:
+def write_run_files(cfg: TrainConfig, record: RunRecord, trace_rows: list[tuple]) -> None:
     """memory_trace_file and then metrics_file, each when set: a metrics file means the run
     ended and everything it wrote is complete."""
     if cfg.evaluation.memory_trace_file:
         write_tsv(cfg.evaluation.memory_trace_file, TRACE_HEADER, trace_rows)
     if cfg.evaluation.metrics_file:
-        write_json(cfg.evaluation.metrics_file, metrics)
+        record.write(cfg.evaluation.metrics_file)

@@ -24,6 +24,7 @@ from .model import NeuroManifoldGPT
 from .optim import lr_at, make_optimizer
 from .planner import Plan, PlanReport
 from .predictor import device_memory_gb
+from .record import RunRecord
 from .snapshot import load_snapshot, save_snapshot, snapshot_path
 from .timeline import StepTimelineCallback, write_timeline
 
@@ -45,7 +46,7 @@ class Trainer:
         self.batch_size, self.block_size = plan.batch_size, plan.block_size
         self.loader = BatchLoader(cfg.data.data_dir, cfg.data.dataset, self.batch_size, self.block_size,
                                   self.device, seed=cfg.system.seed + self.dist.rank)  # own stream per rank
-        self.memory = MemoryMonitorCallback(self.device)
+        self.memory = MemoryMonitorCallback(self.device, count_tensors=not plan.compile)
         self.callbacks = [self.memory] + list(callbacks or [])
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 else contextlib.nullcontext())
@@ -177,7 +178,8 @@ class Trainer:
         """A step and the memory callbacks after it; returns this rank's loss and the step's
         time in seconds."""
         t0 = time.perf_counter()
-        loss = self.train_step()
+        with self.memory.counting():
+            loss = self.train_step()
         if self.iter_num + 1 < self.cfg.optimizer.max_iters:  # another step follows
             self.fetch_ahead()
         if self.device.type == "cuda":
@@ -196,7 +198,8 @@ class Trainer:
                 f"--learning_rate (now {self.cfg.optimizer.learning_rate:g}), raise --warmup_iters or set "
                 f"--grad_clip (the metrics record the step)")
 
-    def run(self) -> dict:
+    def run(self) -> tuple[RunRecord, list[tuple[int, float]]]:
+        """Train; the run's record and its (iteration, loss) per step."""
         cfg, opt, ev = self.cfg, self.cfg.optimizer, self.cfg.evaluation
         for line in reporting.startup_lines(self):
             self.log(line)
@@ -242,7 +245,7 @@ class Trainer:
             self.iter_num += 1
         for cb in self.callbacks:  # after the measured steps and the last evaluation
             getattr(cb, "on_train_end", lambda t: None)(self)
-        return reporting.run_metrics(self, step_times, losses, evals, tokens_per_iter, peak_flops)
+        return reporting.run_record(self, step_times, losses, evals, peak_flops), losses
 
 
 def run_outputs(cfg: TrainConfig) -> dict[str, str | Path]:
@@ -291,7 +294,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         try:
             trainer.build()
             sweep_stale_temps(*filter(None, outputs.values()))  # once every input is valid
-            metrics = trainer.run()
+            record, losses = trainer.run()
         except (torch.cuda.OutOfMemoryError, RanksOutOfMemory) as e:
             record, message = reporting.oom_record(trainer, e)
             alone = not isinstance(e, RanksOutOfMemory)  # mid-step: the others wait in a collective
@@ -310,10 +313,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         if trainer is not None:
             trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
         distributed.close()
-    losses = metrics.pop("_losses")
     if trainer.dist.is_main:  # rank 0's own steps
         peaks = {i: (p, r) for i, p, r in trainer.memory.trace}
         rows = [(i, loss, *peaks.get(i, (float("nan"), float("nan")))) for i, loss in losses]
-        reporting.write_run_files(cfg, metrics, rows)
-    metrics["losses"] = [loss for _, loss in losses]
-    return metrics
+        reporting.write_run_files(cfg, record, rows)
+    return record.as_json() | {"losses": [loss for _, loss in losses]}

@@ -3,20 +3,23 @@
 Each model size has a baseline and a checkpointed run with one seed and one data order
 (neuromanifold_gpt/launch.py makes them). `compare` judges the pair: a pass needs a
 peak-memory reduction above the threshold in params.yaml (or a baseline that ran out of
-memory where the checkpointed run fit), no failed run, and losses that agree. The verify
-stage and verify_gradient_checkpointing.py print its verdict as the RESULTS block."""
+memory where the checkpointed run fit), no failed run, and losses that agree; a checkpointed
+run that used more memory than its baseline never passes. The verify stage and
+verify_gradient_checkpointing.py print its verdict as the RESULTS block; the stage writes the
+headline figures to metrics/verify.json and what they are about to a details file."""
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tabulate import tabulate
 
+from .config.base import POLICIES
 from .errors import BadInput
-from .files import read_json
 from .params import RUNS, run_files, verify_criteria
+from .record import RunRecord
 
 # Settings both runs of a pair must share, or their peaks are not comparable.
 # The memory levers are among them: a saving must be checkpointing's own.
@@ -26,128 +29,129 @@ SAME_SETTINGS = ("preset", "params", "batch_size", "block_size", "gradient_accum
 # Where a run's figures come from: runs that differ here were measured by other training code,
 # hardware or torch, and are not a pair (a params-only change keeps all three).
 PROVENANCE = {"code_hash": "training code", "device_name": "hardware", "torch_version": "torch"}
-RUN_KEYS = SAME_SETTINGS + ("gradient_checkpointing", "policy", *PROVENANCE, "peak_memory_gb",
-                            "peak_memory_source", "step_time_ms", "final_train_loss", "final_val_loss",
-                            "last_step_loss")
-# What a result says about the runs (from the checkpointed run, or the baseline if it ran out).
-DESCRIBED = ("params", "policy", "batch_size", "block_size", "device", "device_name", "dtype",
-             "torch_version", "peak_memory_source")
+# What a finished run's record must hold to be compared.
+NEEDED = SAME_SETTINGS + ("gradient_checkpointing", "policy", *PROVENANCE, "peak_memory_gb",
+                          "peak_memory_source", "final_train_loss", "final_val_loss",
+                          "last_step_loss")
+LOSSES = ("final_train_loss", "final_val_loss", "last_step_loss")
+# metrics/verify.json per size, in this order: the figures a change moves, and the verdict.
+HEADLINE = ("baseline_peak_gb", "optimized_peak_gb", "reduction_gb", "reduction_pct",
+            "step_time_ratio", "loss_diff", "passed")
+# What the details file says about a pair's runs (from the checkpointed run, or the baseline
+# when the checkpointed run did not finish).
+DESCRIBED = ("policy", "params", "batch_size", "block_size", "device", "device_name", "dtype",
+             "torch_version", "cuda_version", "git_commit", "code_hash", "peak_memory_source")
 RULE = "=" * 80
+CPU_STEP_TIMES = ("step time x: the checkpointed run's step time over the baseline's; on a CPU "
+                  "it is noise (other processes share the cores), not a measure of recompute")
 
 
 # -- judging a pair ---------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Criteria:
-    threshold_pct: float  # a pass needs a peak-memory reduction above this
+    threshold_pct: float  # a pass needs a peak-memory reduction above this (and above 0)
     expected_range_pct: tuple[float, float]  # the reduction the design expects (wording only)
     loss_tolerance: float  # largest allowed |loss difference| between the two runs
 
     @classmethod
-    def from_params(cls, params: dict, device_type: str, size: str) -> Criteria:
-        return cls(**verify_criteria(params, device_type, size))
+    def from_params(cls, params: dict, device_type: str, size: str, policy: str) -> Criteria:
+        return cls(**verify_criteria(params, device_type, size, policy))
 
 
-def _bool(v) -> bool:
-    return isinstance(v, bool)
+@dataclass(frozen=True)
+class Result:
+    """The verdict on one size's pair of runs, and the figures it rests on."""
+
+    size: str
+    baseline: RunRecord
+    optimized: RunRecord
+    criteria: Criteria  # the checkpointed run's policy's
+    verdict: str  # one line, beginning with ✓ or ✗
+    reduction_gb: float | None = None  # None where a run did not finish
+    reduction_pct: float | None = None
+    step_time_ratio: float | None = None  # checkpointed over baseline step time
+    loss_diff: float | None = None  # the largest |difference| of the two runs' losses
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.startswith("✓")
+
+    @property
+    def baseline_peak_gb(self) -> float | None:
+        return self.baseline.peak_memory_gb
+
+    @property
+    def optimized_peak_gb(self) -> float | None:
+        return self.optimized.peak_memory_gb
+
+    @property
+    def described(self) -> RunRecord:
+        return self.baseline if not self.optimized.finished else self.optimized
+
+    def headline(self) -> dict:
+        return {k: getattr(self, k) for k in HEADLINE}
+
+    def details(self) -> dict:
+        return {"verdict": self.verdict, "baseline_oom": self.baseline.oom,
+                "optimized_oom": self.optimized.oom,
+                **{k: getattr(self.described, k) for k in DESCRIBED}, **asdict(self.criteria)}
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-# What each field read from a run's metrics must be (a wrong type or range is a corrupt file,
-# never a verdict): the test, and what it expects, in words.
-FIELD_CHECKS = {
-    "oom": (_bool, "true or false"),
-    "nonfinite_loss": (_bool, "true or false"),
-    "gradient_checkpointing": (_bool, "true or false"),
-    "compile": (_bool, "true or false"),
-    "lean_loss": (_bool, "true or false"),
-    "offload_activations": (_bool, "true or false"),
-    "optimizer_in_backward": (_bool, "true or false"),
-    "peak_memory_gb": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "step_time_ms": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "final_train_loss": (_number, "a finite number"),
-    "final_val_loss": (_number, "a finite number"),
-    "last_step_loss": (_number, "a finite number"),
-    "activation_memory_budget": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
-    **{k: (_count, "a whole number > 0") for k in ("params", "batch_size", "block_size",
-                                                   "gradient_accumulation_steps", "iters",
-                                                   "world_size")},
-    **{k: (lambda v: isinstance(v, str), "a string") for k in (
-        "preset", "policy", "dtype", "device_name", "torch_version", "peak_memory_source")},
-}
-
-
-def read_run(path: str | Path) -> dict:
-    """One run's metrics, checked to hold what the comparison needs, each field of the right
-    type and range."""
-    data = read_json(path, required=("oom", "preset"))
-    data.setdefault("nonfinite_loss", False)  # metrics written before it was recorded
-    if data["nonfinite_loss"] is True or data["oom"] is True:  # a failed run has no figures
-        keys = ("oom", "nonfinite_loss", "preset")
-    else:
-        keys = RUN_KEYS + ("oom", "nonfinite_loss")
-        data = read_json(path, required=RUN_KEYS) | data
-        if data["step_time_ms"] is None:
+def read_run(path: str | Path) -> RunRecord:
+    """One run's record, checked to hold what a comparison needs (a failed run: its outcome)."""
+    record = RunRecord.read(path)
+    missing = [k for k in (NEEDED if record.finished else ("device", "policy"))
+               if getattr(record, k) is None]
+    if missing:
+        raise BadInput(f"metrics file {path} lacks {missing[0]}; re-run the training that writes it")
+    if record.finished and record.step_time_ms is None:
             raise BadInput(f"metrics file {path} has no step time; re-run the training with "
-                             f"max_iters >= 2 (the first step is warm-up)")
-    for key in keys:
-        check, expected = FIELD_CHECKS.get(key, (lambda v: True, ""))
-        if not check(data[key]):
-            raise BadInput(f"metrics file {path}: {key} is {data[key]!r}, not {expected}; it is "
-                             f"corrupt: re-run the training that writes it")
-    if data["nonfinite_loss"] and not isinstance(data.get("nonfinite_step"), int):
-        raise BadInput(f"metrics file {path}: nonfinite_step is {data.get('nonfinite_step')!r}, "
-                         f"not a step number; re-run the training that writes it")
-    return data
+                           f"max_iters >= 2 (the first step is warm-up)")
+    return record
 
 
-def compare(size: str, baseline: dict, optimized: dict, criteria: Criteria) -> dict:
-    """The verdict on one size's pair, as a flat dict (an entry of metrics/verify.json)."""
-    ran_through = not (baseline.get("nonfinite_loss") or optimized.get("nonfinite_loss"))
-    if ran_through and not optimized["oom"] and not optimized["gradient_checkpointing"]:
+def check_pair(size: str, baseline: RunRecord, optimized: RunRecord) -> None:
+    """Refuse two runs that are not a baseline and a checkpointed run of one setting."""
+    ran_through = baseline.nonfinite_loss is optimized.nonfinite_loss is False
+    if ran_through and not optimized.oom and not optimized.gradient_checkpointing:
         raise BadInput(f"the checkpointed run of {size} had gradient_checkpointing off; set "
-                         f"checkpointing.gradient_checkpointing: true in params.yaml")
-    if ran_through and not baseline["oom"] and baseline["gradient_checkpointing"]:
+                       f"checkpointing.gradient_checkpointing: true in params.yaml")
+    if ran_through and not baseline.oom and baseline.gradient_checkpointing:
         raise BadInput(f"the baseline run of {size} had gradient_checkpointing on; it must be off")
     for key, what in PROVENANCE.items():
-        if baseline.get(key) != optimized.get(key):
+        if getattr(baseline, key) != getattr(optimized, key):
             raise BadInput(f"the two runs of {size} were measured with different {what} ({key} "
-                             f"{baseline.get(key)} vs {optimized.get(key)}); re-measure both: "
-                             f"dvc repro --force")
-    figures = dict.fromkeys(("reduction_gb", "reduction_pct", "step_time_ratio", "loss_diff"))
+                           f"{getattr(baseline, key)} vs {getattr(optimized, key)}); re-measure "
+                           f"both: dvc repro --force")
+    if baseline.finished and optimized.finished:
+        for key in SAME_SETTINGS:
+            if getattr(baseline, key) != getattr(optimized, key):
+                raise BadInput(f"the two runs of {size} differ in {key} ({getattr(baseline, key)} "
+                               f"vs {getattr(optimized, key)}); re-run both with the same settings")
+
+
+def compare(size: str, baseline: RunRecord, optimized: RunRecord,
+            criteria: dict[str, Criteria]) -> Result:
+    """The verdict on one size's pair; `criteria` by recompute policy."""
+    check_pair(size, baseline, optimized)
+    if optimized.policy not in criteria:
+        raise BadInput(f"the checkpointed run of {size} names policy {optimized.policy!r}, not "
+                       f"one of {', '.join(criteria)}; re-run it (dvc repro --force)")
+    judged = functools.partial(Result, size, baseline, optimized, criteria[optimized.policy])
     diverged = [(name, r) for name, r in (("baseline", baseline), ("checkpointed", optimized))
-                if r.get("nonfinite_loss")]
+                if r.nonfinite_loss]
     if diverged:
         name, r = diverged[0]
-        verdict = f"✗ FAILURE: the {name} run's loss became non-finite at step {r['nonfinite_step']}"
-    elif optimized["oom"]:
-        verdict = "✗ FAILURE: the checkpointed run ran out of memory"
-    elif baseline["oom"]:
-        verdict = "✓ SUCCESS: the baseline ran out of memory; with checkpointing the run fits"
-    else:
-        for key in SAME_SETTINGS:
-            if baseline[key] != optimized[key]:
-                raise BadInput(f"the two runs of {size} differ in {key} ({baseline[key]} vs "
-                                 f"{optimized[key]}); re-run both with the same settings")
-        b, o = baseline["peak_memory_gb"], optimized["peak_memory_gb"]
-        figures = {"reduction_gb": b - o, "reduction_pct": 100 * (b - o) / b,
-                   "step_time_ratio": optimized["step_time_ms"] / baseline["step_time_ms"],
-                   "loss_diff": max(abs(baseline[k] - optimized[k]) for k in
-                                    ("final_train_loss", "final_val_loss", "last_step_loss"))}
-        verdict = _verdict(figures, criteria)
-    ran = baseline if optimized["oom"] or optimized.get("nonfinite_loss") else optimized
-    return {"size": size, "passed": verdict.startswith("✓"), "verdict": verdict,
-            "baseline_oom": bool(baseline["oom"]), "optimized_oom": bool(optimized["oom"]),
-            "baseline_peak_gb": baseline.get("peak_memory_gb"),
-            "optimized_peak_gb": optimized.get("peak_memory_gb"),
-            **figures, **{k: ran.get(k) for k in DESCRIBED}, **asdict(criteria)}
+        return judged(f"✗ FAILURE: the {name} run's loss became non-finite at step {r.nonfinite_step}")
+    if optimized.oom:
+        return judged("✗ FAILURE: the checkpointed run ran out of memory")
+    if baseline.oom:
+        return judged("✓ SUCCESS: the baseline ran out of memory; with checkpointing the run fits")
+    b, o = baseline.peak_memory_gb, optimized.peak_memory_gb
+    figures = {"reduction_gb": b - o, "reduction_pct": 100 * (1 - o / b),
+               "step_time_ratio": optimized.step_time_ms / baseline.step_time_ms,
+               "loss_diff": max(abs(getattr(baseline, k) - getattr(optimized, k)) for k in LOSSES)}
+    return judged(_verdict(figures, criteria[optimized.policy]), **figures)
 
 
 def _verdict(figures: dict, criteria: Criteria) -> str:
@@ -156,6 +160,9 @@ def _verdict(figures: dict, criteria: Criteria) -> str:
     if figures["loss_diff"] > criteria.loss_tolerance:
         return (f"✗ FAILURE: losses differ by {figures['loss_diff']:.3g} (tolerance "
                 f"{criteria.loss_tolerance:g}): checkpointing changed training")
+    if pct <= 0:  # whatever the threshold: checkpointing that costs memory never passes
+        return (f"✗ FAILURE: the checkpointed run used more memory than the baseline (reduction "
+                f"{pct:.1f}%)")
     if pct <= criteria.threshold_pct:
         return (f"✗ FAILURE: Memory reduction ({pct:.1f}%) is not above the threshold "
                 f"({criteria.threshold_pct:g}%)")
@@ -168,74 +175,80 @@ def _verdict(figures: dict, criteria: Criteria) -> str:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-def _gb(value, oom: bool) -> str:
-    return "out of memory" if oom else "n/a (the run diverged)" if value is None else f"{value:.3f} GB"
+def _gib(run: RunRecord) -> str:
+    if run.oom:
+        return "out of memory"
+    return "n/a (the run diverged)" if run.peak_memory_gb is None else f"{run.peak_memory_gb:.3f} GiB"
 
 
-def results_block(result: dict) -> str:
+def results_block(result: Result) -> str:
     """The RESULTS block for one size."""
-    if result["reduction_gb"] is None:
+    if result.reduction_gb is None:
         reduction = "n/a (a run did not finish)"
     else:
-        reduction = f"{result['reduction_gb']:.3f} GB ({result['reduction_pct']:.1f}%)"
+        reduction = f"{result.reduction_gb:.3f} GiB ({result.reduction_pct:.1f}%)"
     return "\n".join([
         "RESULTS", RULE, "",
-        f"  {'Baseline peak memory:':<25}{_gb(result['baseline_peak_gb'], result['baseline_oom'])}",
-        f"  {'Optimized peak memory:':<25}{_gb(result['optimized_peak_gb'], result['optimized_oom'])}",
+        f"  {'Baseline peak memory:':<25}{_gib(result.baseline)}",
+        f"  {'Optimized peak memory:':<25}{_gib(result.optimized)}",
         f"  {'Memory reduction:':<25}{reduction}", "",
-        f"  {result['verdict']}", "",
-        "VERIFICATION PASSED ✓" if result["passed"] else "VERIFICATION FAILED ✗",
+        f"  {result.verdict}", "",
+        "VERIFICATION PASSED ✓" if result.passed else "VERIFICATION FAILED ✗",
     ])
 
 
-def describe(result: dict) -> str:
+def describe(result: Result) -> str:
     """One line naming what a RESULTS block is about."""
-    params = f"{result['params'] / 1e6:.2f}M parameters, " if result["params"] else ""
-    return (f"{result['size']}: {params}batch {result['batch_size']} x {result['block_size']}, "
-            f"policy {result['policy']}, {result['device_name']}, {result['dtype']}, "
-            f"torch {result['torch_version']}; peak from {result['peak_memory_source']}")
+    r = result.described
+    params = f"{r.params / 1e6:.2f}M parameters, " if r.params else ""
+    return (f"{result.size}: {params}batch {r.batch_size} x {r.block_size}, policy {r.policy}, "
+            f"{r.device_name}, {r.dtype}, torch {r.torch_version}; peak from {r.peak_memory_source}")
 
 
-def results_table(results: list[dict]) -> str:
+def results_table(results: list[Result]) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    rows = [[r["size"], fmt(r["baseline_peak_gb"], ".3f") if not r["baseline_oom"] else "OOM",
-             fmt(r["optimized_peak_gb"], ".3f") if not r["optimized_oom"] else "OOM",
-             fmt(r["reduction_gb"], ".3f"), fmt(r["reduction_pct"], ".1f"),
-             fmt(r["step_time_ratio"], ".2f"), fmt(r["loss_diff"], ".2g"),
-             f"{r['threshold_pct']:g}", "pass" if r["passed"] else "FAIL"] for r in results]
-    return tabulate(rows, headers=["size", "baseline GB", "optimized GB", "saved GB", "saved %",
-                                   "step time x", "loss diff", "threshold %", "result"],
-                    disable_numparse=True)
+    rows = [[r.size, "OOM" if r.baseline.oom else fmt(r.baseline_peak_gb, ".3f"),
+             "OOM" if r.optimized.oom else fmt(r.optimized_peak_gb, ".3f"),
+             fmt(r.reduction_gb, ".3f"), fmt(r.reduction_pct, ".1f"), fmt(r.step_time_ratio, ".2f"),
+             fmt(r.loss_diff, ".2g"), f"{r.criteria.threshold_pct:g}", "pass" if r.passed else "FAIL"]
+            for r in results]
+    table = tabulate(rows, headers=["size", "baseline GiB", "optimized GiB", "saved GiB", "saved %",
+                                    "step time x", "loss diff", "threshold %", "result"],
+                     disable_numparse=True)
+    on_cpu = any(r.described.device == "cpu" for r in results)
+    return f"{table}\n{CPU_STEP_TIMES}" if on_cpu else table
 
 
-def report(results: list[dict]) -> str:
-    """A RESULTS block per size, then (for several sizes) the table and the overall verdict."""
-    parts = [f"{describe(r)}\n{results_block(r)}" for r in results]
-    if len(results) > 1:
-        failed = [r["size"] for r in results if not r["passed"]]
-        parts += [results_table(results),
-                  f"{len(results) - len(failed)} of {len(results)} sizes passed"
-                  + (f" ({', '.join(failed)} failed)" if failed else "") + ": "
-                  + ("VERIFICATION FAILED ✗" if failed else "VERIFICATION PASSED ✓")]
-    return "\n\n".join(parts)
+def report(results: list[Result]) -> str:
+    """A RESULTS block per size, the table, and the overall verdict."""
+    failed = [r.size for r in results if not r.passed]
+    verdict = (f"{len(results) - len(failed)} of {len(results)} sizes passed"
+               + (f" ({', '.join(failed)} failed)" if failed else "") + ": "
+               + ("VERIFICATION FAILED ✗" if failed else "VERIFICATION PASSED ✓"))
+    return "\n\n".join([f"{describe(r)}\n{results_block(r)}" for r in results]
+                       + [results_table(results), verdict])
 
 
-def verify_metrics(results: list[dict]) -> dict:
-    """metrics/verify.json: the overall pass flag and, per size, the comparison's figures."""
-    drop = ("size", "verdict")
-    return {"passed": all(r["passed"] for r in results),
-            "sizes": {r["size"]: {k: v for k, v in r.items() if k not in drop} for r in results}}
+def verify_metrics(results: list[Result]) -> dict:
+    """metrics/verify.json: the overall pass flag and each size's headline figures."""
+    return {"passed": all(r.passed for r in results),
+            "sizes": {r.size: r.headline() for r in results}}
 
 
-def verify_pairs(params: dict, sizes: list[str], root: str | Path = ".") -> list[dict]:
+def verify_details(results: list[Result]) -> dict:
+    """What the figures of metrics/verify.json are about: per size, the verdict, the runs'
+    setting and provenance, and the criteria they were judged by."""
+    return {"sizes": {r.size: r.details() for r in results}}
+
+
+def verify_pairs(params: dict, sizes: list[str], root: str | Path = ".") -> list[Result]:
     """Read and judge the pair of each size (metrics files under root)."""
     results = []
     for size in sizes:
         baseline, optimized = (read_run(run_files(size, run, root)["metrics"]) for run in RUNS)
-        # only CUDA runs out of memory, and an OOM record names no device
-        device_type = next((r["device"] for r in (optimized, baseline) if "device" in r), "cuda")
-        results.append(compare(size, baseline, optimized,
-                               Criteria.from_params(params, device_type, size)))
+        device = optimized.device
+        criteria = {p: Criteria.from_params(params, device, size, p) for p in POLICIES}
+        results.append(compare(size, baseline, optimized, criteria))
     return results

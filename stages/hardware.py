@@ -2,23 +2,26 @@
 
     python3 stages/hardware.py
 
-Runs on every `dvc repro` (always_changed). Validates every section of params.yaml first, so a
-bad value stops the pipeline here, before DVC removes any stage's outputs. Then writes
+Runs on every `dvc repro` (always_changed). Validates every section of params.yaml first (the
+verify thresholds and tolerances for every device, policy and size included), so a bad value
+stops the pipeline here, before DVC removes any stage's outputs. Then writes
 metrics/hardware.json (device type, name and count, torch and CUDA versions, the dtype the runs
 use), which every training stage depends on: on the same machine it is unchanged and nothing
 re-measures; on other hardware or another torch every size is measured again. Prints, in
 plain words, whether this machine measured the figures in metrics/."""
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed copy
 
 from neuromanifold_gpt.config.base import System
-from neuromanifold_gpt.errors import entry_point
-from neuromanifold_gpt.files import read_json, write_json
+from neuromanifold_gpt.errors import BadInput, entry_point
+from neuromanifold_gpt.files import write_json
 from neuromanifold_gpt.params import RUNS, SECTIONS, load_params, pick, run_device_type, run_files, validate
 from neuromanifold_gpt.provenance import HARDWARE_FILE, hardware, hardware_news
+from neuromanifold_gpt.record import RunRecord
 
 
 @entry_point
@@ -37,11 +40,13 @@ def main() -> int:
 
 
 def _figures(path: Path) -> dict | None:
-    """A run's metrics, if readable and saying where it ran (a missing one is measured anyway)."""
+    """A run's metrics, if readable and saying where it ran (a missing or damaged one is
+    measured anyway)."""
     try:
-        return read_json(path, required=("device_name", "torch_version"))
-    except ValueError:
+        record = RunRecord.read(path)
+    except BadInput:
         return None
+    return asdict(record) if record.device_name and record.torch_version else None
 
 
 if __name__ == "__main__":

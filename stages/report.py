@@ -33,8 +33,8 @@ def main() -> int:
     except (OSError, KeyError) as e:
         raise BadInput(f"a memory trace is missing or damaged ({e}); re-run the training stages "
                          f"(dvc repro --force)") from None
-    points = [dict(size=size, run=run, **{k: m[k] for k in COLUMNS[2:]})
-              for (size, run), m in runs.items() if not m["oom"]]
+    points = [dict(size=size, run=run, **{k: getattr(m, k) for k in COLUMNS[2:]})
+              for (size, run), m in runs.items() if not m.oom]
     write_tsv("plots/memory_vs_step_time.tsv", COLUMNS, [tuple(p.values()) for p in points])
     plots.plot_memory_per_step(traces, "plots/memory_per_step.png")
     recorded = {size: runs for size, runs in timelines.items()  # an OOM run recorded no step

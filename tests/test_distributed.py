@@ -58,9 +58,9 @@ def reference(args):
                     trainer.device, seed=cfg.system.seed + r).get_batch for r in range(1, WORLD)]
     turn, own = itertools.cycle(streams), trainer.loader.get_batch
     trainer.loader.get_batch = lambda split: next(turn)(split) if split == "train" else own(split)
-    metrics = trainer.run()
+    record, losses = trainer.run()
     torch.set_num_threads(threads)
-    metrics["losses"] = [loss for _, loss in metrics.pop("_losses")]
+    metrics = record.as_json() | {"losses": [loss for _, loss in losses]}
     metrics["state"] = trainer.model.state_dict()
     return metrics
 

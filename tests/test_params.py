@@ -41,11 +41,31 @@ BAD = {  # name: (key path, new value or KeyError to delete it, what the error m
     "unknown verify key": ("verify.threshold", 5, "verify has unknown key 'threshold'"),
     "threshold not a number": ("verify.threshold_pct", {"cpu": "ten", "cuda": 20},
                                "'ten' is not a finite number"),
-    "range upside down": ("verify.expected_range_pct", [40, 20], "must be [low, high]"),
-    "negative tolerance": ("verify.loss_tolerance", -1, "loss_tolerance -1 >= 0"),
+    "threshold beyond a float": ("verify.threshold_pct", 10**400, "is not a finite number"),
+    "threshold infinite": ("verify.threshold_pct", float("inf"), "inf is not a finite number"),
+    # below 0, a checkpointed run that used more memory than its baseline would pass
+    "negative threshold": ("verify.threshold_pct", {"cpu": 10, "cuda": -50},
+                           "verify.threshold_pct for shakespeare_char, policy block, on cuda is "
+                           "-50; it must be in [0, 100): a pass needs memory saved"),
+    "negative threshold for one policy": (
+        "verify.threshold_pct", {"cpu": 10, "cuda": {"block": 20, "attention": 5, "mlp": -1,
+                                                     "selective": 5}},
+        "threshold_pct for shakespeare_char, policy mlp, on cuda is -1"),
+    "threshold no run can pass": ("verify.threshold_pct", 100, "is 100; it must be in [0, 100)"),
+    "threshold misses a policy": ("verify.threshold_pct", {"cpu": 10, "cuda": {"block": 20}},
+                                  "has no `attention:` entry"),
+    "range upside down": ("verify.expected_range_pct", [40, 20],
+                          "expected_range_pct for shakespeare_char, policy block, on cpu is "
+                          "[40, 20]; write [low, high] with 0 <= low <= high <= 100"),
+    "range below 0": ("verify.expected_range_pct", [-10, 20], "is [-10, 20]; write [low, high]"),
+    "range not a pair": ("verify.expected_range_pct", [10, 20, 30], "expected_range_pct: [low, high]"),
+    "negative tolerance": ("verify.loss_tolerance", -1, "loss_tolerance for shakespeare_char, "
+                           "policy block, on cpu is -1; it must be >= 0"),
+    "tolerance not finite": ("verify.loss_tolerance", {"cpu": float("nan"), "cuda": 0.1},
+                             "nan is not a finite number"),
     "verify names no size": ("verify.threshold_pct",
                              {"cpu": {"shakespeare_char": 1, "gpt2": 1, "gpt2-medium": 1, "gpt3": 1},
-                              "cuda": 20}, "verify.threshold_pct names size 'gpt3'"),
+                              "cuda": 20}, "verify.threshold_pct names 'gpt3', which is neither"),
     "verify misses a size": ("verify.threshold_pct", {"cpu": {"gpt2": 1}, "cuda": 20},
                              "no entry for size 'shakespeare_char'"),
 }
@@ -98,3 +118,43 @@ def test_the_hardware_stage_refuses_bad_params_with_one_line_and_exit_2(tmp_path
     assert done.returncode == 2
     assert done.stderr == ("error: params.yaml sizes.gpt2, baseline run on cpu: batch_size=-4 must be > 0\n")
     assert (tmp_path / "metrics/hardware.json").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- data\n- train\n", "is not a mapping of sections (data:, train:, ...); restore it from git"),
+    ("verify:\n  threshold_pct: " + "1" * 5000 + "\n", "holds a number with too many digits"),
+    ("verify: " + "[" * 100_000 + "\n", "is nested too deep to be a params file"),
+    ("verify: [1\n", "is not valid YAML"),
+])
+def test_a_params_file_that_is_not_sections_is_one_line(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_params("verify", path=path)
+    assert str(e.value).startswith(f"{path} {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_list_params_file_is_exit_2_from_the_stage_and_the_verify_script(tmp_path):
+    (tmp_path / "params.yaml").write_text("- verify\n- sizes\n")
+    line = "error: params.yaml is not a mapping of sections (data:, train:, ...); restore it from git\n"
+    stage = subprocess.run([sys.executable, str(ROOT / "stages/hardware.py")], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert (stage.returncode, stage.stderr) == (2, line)
+    script = subprocess.run([sys.executable, str(ROOT / "verify_gradient_checkpointing.py"),
+                             "--params", "params.yaml", "--out", str(tmp_path / "out")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert (script.returncode, script.stderr) == (2, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_verify_script_refuses_a_negative_threshold_before_training(tmp_path):
+    params = copy.deepcopy(PARAMS)
+    params["verify"]["threshold_pct"] = -50
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, str(ROOT / "verify_gradient_checkpointing.py"),
+                           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("error: params.yaml verify.threshold_pct for shakespeare_char, policy "
+                           "block, on cpu is -50; it must be in [0, 100): a pass needs memory saved\n")
