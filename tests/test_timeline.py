@@ -32,6 +32,8 @@ def test_the_recorded_step_leaves_the_run_alone_and_shows_the_saving(tiny_args, 
         assert tl["phase"][0] == "forward" and tl["phase"][-1] == "optimizer"
         assert set(tl["phase"]) == {"forward", "backward", "optimizer"}
         assert tl["time_ms"] == sorted(tl["time_ms"])
+        # from what the step begins with, so the curve reaches the run's peak
+        assert max(tl["allocated_gb"]) == pytest.approx(m["peak_memory_gb"], rel=1e-3)
         backward = tl["phase"].index("backward")
         peaks[checkpointed] = max(tl["allocated_gb"][:backward + 1])  # what forward leaves for backward
     assert peaks["true"] < 0.6 * peaks["false"]
