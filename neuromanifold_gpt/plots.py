@@ -54,8 +54,8 @@ def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path,
     (solid) and the peak of what the process held (dashed; `held` names it: the allocator's
     reservation on CUDA, which holds CUDA graphs' memory when the allocator no longer sees
     their tensors, the resident set on the CPU)."""
-    fig, axes = _grid(len(traces), f"Memory per training step (after warm-up): "
-                                   f"peak allocated (solid) and {held} (dashed)")
+    fig, axes = _grid(len(traces), f"Memory per training step (after warm-up)\n"
+                                   f"peak allocated (solid), {held} (dashed)")
     for ax, (size, runs) in zip(axes, traces.items(), strict=True):
         for run, trace in runs.items():
             ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=5,
