@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class TensorMemory(TorchDispatchMode):
         super().__init__()
         self.current = self.peak = 0
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # id(storage): (ref, bytes)
+        self.events: list[tuple[float, int]] | None = None  # set to a list: (µs, bytes +/-) appended
 
     def reset_peak(self) -> None:
         self.peak = self.current
@@ -71,12 +73,17 @@ class TensorMemory(TorchDispatchMode):
         if known is not None and known[1] == nbytes:
             return
         # resize_ changes a storage's size in place: count the difference
-        self.current += nbytes - (known[1] if known else 0)
+        self._add(nbytes - (known[1] if known else 0))
         ref = known[0] if known else weakref.ref(storage, lambda _, k=key: self._free(k))
         self._live[key] = (ref, nbytes)
 
     def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key)[1]
+        self._add(-self._live.pop(key)[1])
+
+    def _add(self, delta: int) -> None:
+        self.current += delta
+        if self.events is not None:
+            self.events.append((time.perf_counter_ns() / 1000, delta))
 
 
 def _tensors(groups):

@@ -48,26 +48,34 @@ def _grid(n: int, title: str) -> tuple[Figure, list]:
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
 
 
-def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path) -> None:
-    """traces[size][run] = read_trace(...): one panel per size, a line per run."""
-    fig, axes = _grid(len(traces), "Peak memory per training step (after warm-up)")
+def plot_memory_per_step(traces: dict[str, dict[str, dict]], path: str | Path,
+                         held: str = "reserved") -> None:
+    """traces[size][run] = read_trace(...): one panel per size; per run, the step's peak
+    (solid) and the peak of what the process held (dashed; `held` names it: the allocator's
+    reservation on CUDA, which holds CUDA graphs' memory when the allocator no longer sees
+    their tensors, the resident set on the CPU)."""
+    fig, axes = _grid(len(traces), f"Memory per training step (after warm-up)\n"
+                                   f"peak allocated (solid), {held} (dashed)")
     for ax, (size, runs) in zip(axes, traces.items(), strict=True):
         for run, trace in runs.items():
-            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=5, label=run,
-                    color=COLORS.get(run))
+            ax.plot(trace["step"], trace["peak_memory_gb"], marker="o", ms=5,
+                    label=f"{run}: allocated", color=COLORS.get(run))
+            ax.plot(trace["step"], trace["peak_reserved_gb"], marker="s", ms=4, ls="--",
+                    label=f"{run}: {held}", color=COLORS.get(run), alpha=0.7)
         ax.set(title=size, xlabel="step", ylabel="peak memory (GiB)")
         measured = [(s, p) for trace in runs.values()  # the warm-up step has no peak (nan)
-                    for s, p in zip(trace["step"], trace["peak_memory_gb"], strict=True) if p == p]
+                    for col in ("peak_memory_gb", "peak_reserved_gb")
+                    for s, p in zip(trace["step"], trace[col], strict=True) if p == p]
         steps = sorted({s for s, _ in measured})
         if measured:  # from zero, so a small difference looks small; room for the legend below
-            ax.set_ylim(0, 1.2 * max(p for _, p in measured))
+            ax.set_ylim(0, 1.45 * max(p for _, p in measured))
             # half a step either side: a single measured step is a point, not a stretched axis
             ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
         if len(steps) <= 10:
             ax.set_xticks(steps)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper center", ncols=2, fontsize=7)
     save_figure(fig, path)
 
 
@@ -76,7 +84,7 @@ def plot_step_timeline(timelines: dict[str, dict[str, dict]], path: str | Path) 
     step began against time, through forward, backward and the optimizer step; one panel
     per size, a line per run, a dotted line where its backward begins."""
     fig, axes = _grid(max(len(timelines), 1),
-                      "Memory within one training step (allocated since the step began)")
+                      "Memory within one training step (allocated)")
     if not timelines:
         axes[0].text(0.5, 0.5, "no size has both runs recorded", ha="center")
     for ax, (size, runs) in zip(axes, timelines.items(), strict=True):

@@ -3,21 +3,22 @@ an extra step after the measured ones so that recording never touches the run's 
 or peaks.
 
 CUDA: the caching allocator's history (torch.cuda.memory._record_memory_history, no stack
-traces). CPU: the profiler's memory events (torch.profiler, profile_memory=True). Both give
-every allocation and free with its time; the curve is memory allocated since the step began."""
+traces). CPU: the tensor count that measures the run's peak (memory.TensorMemory), which also
+runs no profiler (whose start and stop kineto logs on every run). Both give every allocation
+and free with its time; the curve starts from the memory allocated when the step begins, so
+its top is the step's peak. A compiled CPU run's recorded step runs eagerly (dynamo does not
+trace under the counting dispatch mode)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .files import write_tsv
-from .memory import GIB
+from .memory import GIB, TensorMemory
 
 HEADER = ["time_ms", "allocated_gb", "phase"]
 PHASES = ("forward", "backward", "optimizer")
@@ -31,9 +32,9 @@ class StepTimelineCallback:
 
     def on_train_end(self, trainer) -> None:
         record = _record_cuda if trainer.device.type == "cuda" else _record_cpu
-        events, marks = record(trainer)
+        events, marks, start = record(trainer)
         if trainer.dist.is_main:
-            write_timeline(self.path, timeline_rows(events, marks))
+            write_timeline(self.path, timeline_rows(events, marks, start))
 
 
 def write_timeline(path: str | Path, rows: list[tuple]) -> None:
@@ -41,10 +42,12 @@ def write_timeline(path: str | Path, rows: list[tuple]) -> None:
     write_tsv(path, HEADER, rows)
 
 
-def timeline_rows(events: list[tuple[float, int]], marks: list[tuple[float, str]]) -> list[tuple]:
-    """(time_ms, allocated GiB, phase) from (time in µs, bytes +/-) events and the times at
-    which each phase began (`marks`), relative to the first event."""
-    marks, total, rows = sorted(marks), 0, []
+def timeline_rows(events: list[tuple[float, int]], marks: list[tuple[float, str]],
+                  start: int = 0) -> list[tuple]:
+    """(time_ms, allocated GiB, phase) from (time in µs, bytes +/-) events, the times at
+    which each phase began (`marks`) and the bytes allocated before the first event (`start`),
+    relative to the first event."""
+    marks, total, rows = sorted(marks), start, []
     for t, delta in sorted(events):
         total += delta
         phase = next((p for m, p in reversed(marks) if m <= t), PHASES[0])  # before: data loading
@@ -68,6 +71,7 @@ def _record_cuda(trainer):
     marks: list[tuple[float, str]] = []
     # the allocator stamps events in wall-clock µs (its approximate clock converted to Unix time)
     torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
     torch.cuda.memory._record_memory_history("all", context=None, device=device)
     try:
         with _stamping(trainer, lambda phase: marks.append((time.time_ns() / 1000, phase))):
@@ -78,24 +82,18 @@ def _record_cuda(trainer):
         torch.cuda.memory._record_memory_history(None, device=device)
     sign = {"alloc": 1, "free_completed": -1}
     events = [(e["time_us"], sign[e["action"]] * e["size"]) for e in trace if e["action"] in sign]
-    return events, marks
+    return events, marks, start
 
 
 def _record_cpu(trainer):
-    from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
-
-    def stamp(phase: str) -> None:  # a zero-length profiler range: stamped in the profiler's clock
-        with record_function(f"timeline: {phase}"):
-            pass
-
-    with _stamping(trainer, stamp), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.train_step()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace_path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace_path))
-        trace = json.loads(trace_path.read_text())["traceEvents"]
-    events = [(e["ts"], e["args"]["Bytes"]) for e in trace if e.get("name") == "[memory]"]
-    marks = [(e["ts"], e["name"].partition(": ")[2]) for e in trace
-             if e.get("name", "").startswith("timeline: ")]
-    return events, marks
+    tensors = trainer.memory.tensors or TensorMemory()  # a compiled run counts nothing itself
+    marks: list[tuple[float, str]] = []
+    events: list[tuple[float, int]] = []
+    start, tensors.events = tensors.current, events
+    try:
+        with _stamping(trainer, lambda phase: marks.append((time.perf_counter_ns() / 1000, phase))), \
+                tensors:
+            trainer.train_step()
+    finally:
+        tensors.events = None
+    return events, marks, start

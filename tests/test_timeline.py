@@ -32,6 +32,23 @@ def test_the_recorded_step_leaves_the_run_alone_and_shows_the_saving(tiny_args, 
         assert tl["phase"][0] == "forward" and tl["phase"][-1] == "optimizer"
         assert set(tl["phase"]) == {"forward", "backward", "optimizer"}
         assert tl["time_ms"] == sorted(tl["time_ms"])
+        # from what the step begins with, so the curve reaches the run's peak
+        assert max(tl["allocated_gb"]) == pytest.approx(m["peak_memory_gb"], rel=1e-3)
         backward = tl["phase"].index("backward")
         peaks[checkpointed] = max(tl["allocated_gb"][:backward + 1])  # what forward leaves for backward
     assert peaks["true"] < 0.6 * peaks["false"]
+
+
+def test_the_per_step_plot_shows_what_each_run_held(monkeypatch, tmp_path):
+    """Under CUDA graphs both runs allocate alike after the recording step; what they hold
+    (the reservation) still tells them apart, so the plot draws both figures per run."""
+    from neuromanifold_gpt import plots
+
+    shown = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: shown.setdefault("fig", fig))
+    trace = {"baseline": dict(step=[1, 2], peak_memory_gb=[5.7, 1.9], peak_reserved_gb=[5.8, 5.8]),
+             "checkpointed": dict(step=[1, 2], peak_memory_gb=[2.4, 1.9], peak_reserved_gb=[2.8, 2.8])}
+    plots.plot_memory_per_step({"gpt2": trace}, tmp_path / "p.png")
+    lines = {line.get_label(): list(line.get_ydata()) for line in shown["fig"].axes[0].lines}
+    assert lines == {"baseline: allocated": [5.7, 1.9], "baseline: reserved": [5.8, 5.8],
+                     "checkpointed: allocated": [2.4, 1.9], "checkpointed: reserved": [2.8, 2.8]}
