@@ -1,4 +1,5 @@
-"""The planner's promises, checked: each run a fresh train.py process on random tokens.
+"""The planner's promises, checked: each run a fresh training process (the package's launcher,
+as train.py and python3 -m neuromanifold_gpt run it) on random tokens.
 
     python3 -m benchmarks.plans --plans batch,budget --against out/bench/bench.json --out_dir out/plans
     python3 -m benchmarks.plans --plans batch --batch_presets gpt2 --batch_plans "block +lean"
@@ -27,7 +28,7 @@ from neuromanifold_gpt.planner import PLANS
 from .reports import fmt, ours_as_run, read_reports
 from .rows import VOCAB, write_tokens
 
-# the plans a batch check may train, as train.py's flags (the command line spells a Python
+# the plans a batch check may train, as the launcher's flags (the command line spells a Python
 # value as the config file does: True, None, 0.5)
 PLAN_FLAGS = {label: [f"--{k}={v}" for k, v in dict(PLANS)[label].items()]
               for label in ("none", "block", "block +lean")}
@@ -35,9 +36,10 @@ PLAN_BATCH_STEPS = 3  # timed steps of a batch-size run: enough to reach the ste
 # After training, in the same process: what the device holds beyond the allocator's reserve
 # (CUDA context, loaded kernels, library handles), which the headroom must leave free.
 CHILD = """
-import json, sys, torch, train
+import json, sys, torch
+from neuromanifold_gpt.__main__ import main
 from neuromanifold_gpt.predictor import GIB, device_memory_gb
-code = train.main(sys.argv[1:])
+code = main(sys.argv[1:])
 if torch.cuda.is_initialized():
     free, total = device_memory_gb(torch.device("cuda"))
     print("CHECK " + json.dumps(dict(used_gb=total - free,
@@ -47,7 +49,7 @@ sys.exit(code)
 
 
 def run_train(data_dir: str, preset: str, extra: list[str], steps: int, metrics: Path) -> dict:
-    """One train.py process of a few steps: its exit, report lines, and metrics."""
+    """One training process of a few steps: its exit, report lines, and metrics."""
     args = ["--preset", preset, "--dataset", preset, "--data_dir", data_dir,
             "--max_iters", str(steps + 1), "--eval_iters", "1", "--eval_interval", "100000",
             "--log_interval", "100000", "--warmup_iters", "0", "--metrics_file", str(metrics), *extra]
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     if unknown:
         raise BadInput(f"--batch_plans: unknown plan {unknown[0]!r}; "
                        f"choose from {', '.join(PLAN_FLAGS)}")
-    # (table, preset, train.py arguments, timed steps, metrics file, what the row adds)
+    # (table, preset, the launcher's arguments, timed steps, metrics file, what the row adds)
     runs = [("budget", preset, ["--memory_budget_gb", str(budget)], args.steps,
              f"budget_{preset}_{budget:g}.json", dict(budget_gb=budget))
             for preset in args.budget_presets.split(",") for budget in budgets if "budget" in tables]
