@@ -46,8 +46,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _commit_date(root: Path, commit: str) -> str:
     """The measuring commit's date, from git; a clone without that commit says so."""
-    proc = subprocess.run(["git", "show", "-s", "--format=%cs", commit], cwd=root,
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["git", "show", "-s", "--format=%cs", commit], cwd=root,
+                              capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        return "date unknown: no git here"
     return proc.stdout.strip() if proc.returncode == 0 else "date unknown: commit not in this clone"
 
 
