@@ -114,7 +114,8 @@ def readme_block(pipeline: dict) -> str:
     f = _facts(pipeline)
     sizes = pipeline["verify"]["sizes"]
     passed = sum(h["passed"] for h in sizes.values())
-    return (f"{BEGIN}\n{f['device_name']} (torch {f['torch_version']}, CUDA {f['cuda_version']}, "
+    cuda = "" if f["cuda_version"] == "None" else f", CUDA {f['cuda_version']}"
+    return (f"{BEGIN}\n{f['device_name']} (torch {f['torch_version']}{cuda}, "
             f"{f['dtype']}), peak memory from `{f['peak_memory_source']}`; {passed} of "
             f"{len(sizes)} sizes passed. Details, commit and code hash: "
             f"[docs/results/{slug(f['device_name'])}.md](docs/results/{slug(f['device_name'])}.md).\n\n"
