@@ -70,8 +70,8 @@ PLAN_FIELDS = ("gradient_checkpointing", "checkpoint_policy", "checkpoint_every"
                "checkpoint_layers", "lean_loss", "offload_activations", "optimizer_in_backward",
                "activation_memory_budget")
 PLAN_DEFAULTS = {k: v for k, v in TrainConfig().to_dict().items() if k in PLAN_FIELDS}
-# the single changes a report may suggest; it names only the fields not yet set so
-LEVERS = [LEAN, BLOCK]
+# the single changes a report may suggest, in the words of the command line
+LEVERS = [("--lean_loss true", LEAN), ("--gradient_checkpointing true", BLOCK)]
 
 
 def use_expandable_segments() -> None:
@@ -155,9 +155,8 @@ class Planner:
     def best_lever(self, cfg: TrainConfig, limit_gb: float, batch: int) -> tuple[str, int] | None:
         """The single lever (not yet on) that raises the largest fitting batch most."""
         flat = cfg.to_dict()
-        changes = [{k: v for k, v in fields.items() if flat[k] != v} for fields in LEVERS]
-        options = [(" ".join(f"--{k} {str(v).lower()}" for k, v in change.items()),
-                    self.largest_batch(_with(cfg, **change), limit_gb)) for change in changes if change]
+        options = [(flag, self.largest_batch(_with(cfg, **fields), limit_gb))
+                   for flag, fields in LEVERS if any(flat[k] != v for k, v in fields.items())]
         best = max(options, key=lambda o: o[1], default=None)
         return best if best and best[1] > batch else None
 

@@ -99,18 +99,6 @@ def test_report_names_the_lever_that_buys_the_most(compile, winner):
     assert lean_block.lever is None and "(with" not in lean_block.lines[-1]
 
 
-def test_report_names_only_the_flag_not_yet_set():
-    # checkpointing is on with another policy: the lever is the policy, not the flag already on
-    cfg = gpt2(lean_loss=True, gradient_checkpointing=True, checkpoint_policy="mlp")
-    setup = H200.setup(cfg, free_gb=139.3, device_gb=139.8)
-    block = H200.largest_batch(planner._with(cfg, checkpoint_policy="block"), HEADROOM["cuda"] * 139.3)
-    assert setup.lever == ("--checkpoint_policy block", block) and block > setup.recommended
-    assert f"(with --checkpoint_policy block: {block})" in setup.lines[-1]
-    # neither set: both flags, so the suggestion is the plan it was measured for
-    off = H200.setup(gpt2(lean_loss=True, checkpoint_policy="mlp"), 139.3, 139.8)
-    assert off.lever[0] == "--gradient_checkpointing true --checkpoint_policy block"
-
-
 def test_out_of_memory_advice_is_the_largest_batch_predicted_to_fit():
     setup = H200.setup(gpt2(lean_loss=False), free_gb=80.0, device_gb=80.0)
     rec = setup.recommended
