@@ -363,3 +363,50 @@ def test_linter_finds_nothing(line):
         pytest.skip(f"{tool} is not installed (pip install -e '.[dev]')")
     done = subprocess.run(line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- the README as a newcomer reads it -------------------------------------------------------
+README_MAX_LINES = 200
+QUICK_START = ["pip install torch==2.13.0 && pip install -e . && dvc repro",
+               'pip install torch==2.13.0 && pip install -e ".[dev]" && python3 -m pytest tests']
+# a measured figure: a number with a unit of memory or time, a share or a ratio
+FIGURE = re.compile(r"\b\d+(\.\d+)?\s*(GiB|GB|MiB|ms|s\b|%|x\b)")
+COMMIT = re.compile(r"\b[0-9a-f]{7,40}\b")
+
+
+def readme_prose(readme: str) -> str:
+    """The README without its code blocks, inline code and generated results table."""
+    readme = re.sub(r"<!-- results:begin -->.*?<!-- results:end -->", "", readme, flags=re.S)
+    readme = re.sub(r"```.*?```", "", readme, flags=re.S)
+    return re.sub(r"`[^`\n]*`", "", readme)
+
+
+def readme_problems(readme: str) -> list[str]:
+    found = [f"README.md has {len(readme.splitlines())} lines, more than {README_MAX_LINES}"
+             ] if len(readme.splitlines()) > README_MAX_LINES else []
+    found += [f"README.md quick start lacks `{line}`" for line in QUICK_START
+              if line not in readme.splitlines()]
+    if "export NEUROMANIFOLD_CORPUS=" not in readme:
+        found.append("README.md quick start lacks the offline corpus note")
+    found += [f"README.md types a figure by hand: {m.group(0)!r}; generate it "
+              "(python3 -m neuromanifold_gpt.results)" for m in FIGURE.finditer(readme_prose(readme))]
+    found += [f"README.md names a commit: {m.group(0)}" for m in COMMIT.finditer(readme)]
+    return found
+
+
+def test_readme_is_short_has_the_quick_start_and_no_typed_figure(files):
+    assert readme_problems(files["README.md"]) == []
+
+
+@pytest.mark.parametrize("old, new, complaint", [
+    ("## Training by hand", "Block checkpointing saves 58.1% at gpt2.\n\n## Training by hand",
+     "types a figure by hand: '58.1%'"),
+    ("## Training by hand", "It steps 34.2 ms.\n\n## Training by hand", "types a figure by hand: '34.2 ms'"),
+    ("## Training by hand", "Measured at f1837a4.\n\n## Training by hand", "names a commit: f1837a4"),
+    ("## Training by hand", "\n" * README_MAX_LINES + "## Training by hand", "more than 200"),
+    ("pip install -e . && dvc repro", "pip install -e . && dvc repro --force", "quick start lacks"),
+])
+def test_readme_drift_is_caught(files, old, new, complaint):
+    assert old in files["README.md"]
+    found = readme_problems(files["README.md"].replace(old, new, 1))
+    assert any(complaint in p for p in found), found
