@@ -36,10 +36,15 @@ CORPUS_ENV = "NEUROMANIFOLD_CORPUS"  # a local input.txt, used instead of a URL 
 META = "meta.json"
 
 
+def cached_corpus(sha256: str = CORPUS_SHA256) -> Path:
+    """Where fetch_corpus keeps the verified corpus."""
+    return cache_dir() / f"tinyshakespeare-{sha256[:12]}.txt"
+
+
 def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
     """The corpus text from a local path, or for a URL from $NEUROMANIFOLD_CORPUS when set,
     else the cache, else a download; checked against sha256."""
-    cached = cache_dir() / f"tinyshakespeare-{sha256[:12]}.txt"
+    cached = cached_corpus(sha256)
     is_url = source.startswith(("http://", "https://"))
     local, named = (os.environ.get(CORPUS_ENV), f"{CORPUS_ENV}=") if is_url else (source, "")
     if local:
