@@ -17,6 +17,7 @@ chmod 755 "$work"
 added=()  # what this run added to the machine, for the EXIT trap: KIND:NAME
 images_before=()
 engine=()
+podman_added=
 
 # The tools' chatter (apt's debconf notes, the stand-in's certificate rehash) goes to a log that
 # is printed only when the step fails.
@@ -38,6 +39,8 @@ cleanup() {
       "${engine[@]}" rmi -f "$image" >/dev/null 2>&1
     done
   fi
+  # podman's storage, where this run installed podman: nothing of it was there before.
+  [[ -n $podman_added ]] && "${as_root[@]}" podman system reset --force >/dev/null 2>&1
   for entry in "${added[@]}"; do
     case $entry in
       user:*) "${as_root[@]}" userdel --remove "${entry#user:}" 2>/dev/null ;;
@@ -78,6 +81,7 @@ install() {
   if docker info >/dev/null 2>&1; then
     engine=(docker)
   else
+    command -v podman >/dev/null || podman_added=1
     apt_install podman runc
     # crun, podman's default runtime on bookworm, fails where the cgroups are hybrid and
     # setrlimit is refused; runc works once the limits are explicit.
