@@ -45,7 +45,8 @@ cleanup() {
     case $entry in
       user:*) "${as_root[@]}" userdel --remove "${entry#user:}" 2>/dev/null ;;
       file:*) "${as_root[@]}" rm -f "${entry#file:}" ;;
-      apt:*) quietly apt-purge "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+      # sudo's own script refuses its removal where root has no password, unless told.
+      apt:*) quietly apt-purge "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive SUDO_FORCE_REMOVE=yes \
                apt-get purge -y -qq --autoremove ${entry#apt:} ;;
     esac
   done
