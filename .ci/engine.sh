@@ -39,6 +39,7 @@ cleanup() {
       "${engine[@]}" rmi -f "$image" >/dev/null 2>&1
     done
   fi
+  wait  # for the phase that an interrupt left, now that its container is gone
   # podman's storage, where this run installed podman: nothing of it was there before.
   [[ -n $podman_added ]] && "${as_root[@]}" podman system reset --force >/dev/null 2>&1
   for entry in "${added[@]}"; do
