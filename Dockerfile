@@ -24,6 +24,8 @@ RUN apt-get update \
 # wheel there wins over PyPI's of the same version, e.g. torch 2.13.0+cpu for a CPU-only image.
 # Air-gapped, put every wheel there and build with --build-arg PIP_NO_INDEX=1.
 ARG PIP_NO_INDEX=0
+# pip warns of installing as root, which in an image build is the norm: the warning is dropped.
+ARG PIP_ROOT_USER_ACTION=ignore
 COPY requirements.txt /tmp/requirements.txt
 RUN --mount=type=bind,source=wheels,target=/wheels \
     pip install --no-cache-dir --find-links /wheels torch==2.13.0 \

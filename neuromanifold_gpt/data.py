@@ -39,10 +39,15 @@ TOKEN = np.uint16  # train.bin and val.bin hold token ids of this type
 MAX_VOCAB = int(np.iinfo(TOKEN).max) + 1
 
 
+def cached_corpus(sha256: str = CORPUS_SHA256) -> Path:
+    """Where fetch_corpus keeps the verified corpus."""
+    return cache_dir() / f"tinyshakespeare-{sha256[:12]}.txt"
+
+
 def fetch_corpus(source: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> str:
     """The corpus text from a local path, or for a URL from $NEUROMANIFOLD_CORPUS when set,
     else the cache, else a download; checked against sha256."""
-    cached = cache_dir() / f"tinyshakespeare-{sha256[:12]}.txt"
+    cached = cached_corpus(sha256)
     is_url = source.startswith(("http://", "https://"))
     local, named = (os.environ.get(CORPUS_ENV), f"{CORPUS_ENV}=") if is_url else (source, "")
     if local:

@@ -4,10 +4,13 @@ documents, safely.
 The README's quick start and Docker section are the reference. The Dockerfile must run the quick
 start's installs; scripts/image.sh, run here with a `docker` that only records its arguments,
 must run exactly the README's container commands; the GPU workflow's steps must be that script's
-phases, in the order .ci/image runs them on the CPU. The linters of .ci/run run here too when
-they are installed.
+phases, in the order .ci/image runs them on the CPU; ci.yml's steps must be ones .ci/as-runner
+runs here, handing .ci/run the corpus and the CPU torch wheel where it looks for them. The linters
+of .ci/run run here too when they are installed (under CI=true, a missing one fails).
 """
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -25,10 +28,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10, where pytest depends on tomli
     import tomli as tomllib
 
+from neuromanifold_gpt.data import cached_corpus
 from tests.conftest import ROOT
 
 FILES = ["README.md", "Dockerfile", ".dockerignore", ".ci/run", ".ci/image", "pyproject.toml",
-         "scripts/image.sh", ".github/workflows/ci.yml", ".github/workflows/gpu.yml"]
+         "scripts/image.sh", ".github/workflows/ci.yml", ".github/workflows/gpu.yml", "params.yaml"]
 IMAGE = "neuromanifold-gpt"  # the README's image name; scripts/image.sh adds a tag of its content
 # Options that change what pip prints or caches, or where it looks first, not what it installs.
 QUIET = {"-q", "--quiet", "--no-cache-dir"}
@@ -251,6 +255,42 @@ def check_workflows(f: dict[str, str]) -> list[str]:
     return problems
 
 
+def as_runner():
+    """.ci/as-runner as a module: its plan() reads a workflow as it runs it."""
+    loader = importlib.machinery.SourceFileLoader("as_runner", str(ROOT / ".ci/as-runner"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def check_ci_steps(f: dict[str, str]) -> list[str]:
+    """ci.yml's steps are the ones .ci/as-runner runs on this machine, and they hand .ci/run the
+    Python of its torch wheel, the wheel in wheels/, and the corpus where the pipeline caches it."""
+    runner = as_runner()
+    try:
+        steps = runner.plan(workflow(f[".github/workflows/ci.yml"]), {})
+    except runner.Unknown as e:
+        return [f"ci.yml: a step .ci/as-runner cannot run ({e})"]
+    problems = []
+    runs = [args[0].strip() for what, args in steps if what == "run"]
+    if runs != ["bash .ci/run"]:
+        problems.append(f"ci.yml: its run steps {runs} are not `bash .ci/run` alone")
+    wheel = re.search(r"^TORCH_WHEEL=(\S+)$", f[".ci/run"], re.M).group(1)
+    python = ".".join(re.search(r"-cp(\d)(\d+)-", wheel).groups())
+    pythons = [args[0] for what, args in steps if what == "python"]
+    if pythons != [python]:
+        problems.append(f"ci.yml: setup-python {pythons} is not {python}, the Python of .ci/run's "
+                        f"{wheel}")
+    caches = {args[0]: args[1] for what, args in steps if what == "restore"}
+    sha = yaml.safe_load(f["params.yaml"])["data"]["sha256"]
+    corpus = f"~/.cache/neuromanifold_gpt/{cached_corpus(sha).name}"
+    if sha not in caches.get(corpus, ""):
+        problems.append(f"ci.yml: no actions/cache of {corpus} keyed by params.yaml's sha256")
+    if f"wheels/{wheel}" not in caches:
+        problems.append(f"ci.yml: no actions/cache of wheels/{wheel}, the wheel .ci/run takes")
+    return problems
+
+
 def problems(f: dict[str, str]) -> list[str]:
     """Every way the delivery files disagree with the README or break a safety rule."""
     pipeline, tests = quick_start(f["README.md"])
@@ -269,7 +309,7 @@ def problems(f: dict[str, str]) -> list[str]:
     if not any("--gpus" in c and c[-len(pipeline[-1]):] == pipeline[-1] for c in readme):
         found.append(f"README.md: no `docker run --gpus ... {shlex.join(pipeline[-1])}` in its "
                      "Docker section")
-    return found + check_workflows(f)
+    return found + check_workflows(f) + check_ci_steps(f)
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +373,23 @@ DRIFTS = [
     (".github/workflows/gpu.yml", "run: bash scripts/image.sh repro --force",
      "run: bash scripts/image.sh repro", "are not the phases .ci/image runs"),
     (".ci/image", "phase diff as_user diff\n", "", "are not the phases .ci/image runs"),
+    (".github/workflows/ci.yml", "key: tinyshakespeare-86c4e6aa9db7c042", "key: tinyshakespeare-",
+     "keyed by params.yaml's sha256"),
+    ("params.yaml", "sha256: 86c4e6aa9db7c042", "sha256: 96c4e6aa9db7c042",
+     "keyed by params.yaml's sha256"),
+    (".github/workflows/ci.yml", "path: ~/.cache/neuromanifold_gpt/", "path: ~/.cache/",
+     "keyed by params.yaml's sha256"),
+    (".github/workflows/ci.yml", 'python-version: "3.11"', 'python-version: "3.12"',
+     "setup-python ['3.12'] is not 3.11"),
+    (".ci/run", "TORCH_WHEEL=torch-2.13.0+cpu-cp311-cp311", "TORCH_WHEEL=torch-2.13.0+cpu-cp312-cp312",
+     "setup-python ['3.11'] is not 3.12"),
+    (".github/workflows/ci.yml", "path: wheels/torch-2.13.0+cpu", "path: wheels/torch-2.12.0+cpu",
+     "no actions/cache of wheels/"),
+    (".github/workflows/ci.yml", "      - name: .ci/run\n",
+     "      - uses: actions/upload-artifact@ea165f8d65b6e75b540449e92b4886f43607fa02 # v4.6.2\n"
+     "      - name: .ci/run\n", "a step .ci/as-runner cannot run"),
+    (".github/workflows/ci.yml", "run: bash .ci/run", "run: |\n          pip install torch\n"
+     "          bash .ci/run", "are not `bash .ci/run` alone"),
 ]
 
 
@@ -360,7 +417,10 @@ def test_ci_runs_every_linter():
 def test_linter_finds_nothing(line):
     tool = line.split(" ", 1)[0]
     if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed (pip install -e '.[dev]')")
+        message = f"{tool} is not installed (pip install -e '.[dev]')"
+        if os.environ.get("CI") == "true":  # CI must lint, never skip it
+            pytest.fail(message)
+        pytest.skip(message)
     done = subprocess.run(line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
