@@ -11,7 +11,7 @@ from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
 from neuromanifold_gpt.memory import GIB, MemoryMonitorCallback, TensorMemory
 from neuromanifold_gpt.optim import make_optimizer
-from neuromanifold_gpt.trainer import Trainer, train
+from neuromanifold_gpt.trainer import Trainer, plan_run, train
 
 MIB = 2**20
 
@@ -43,7 +43,7 @@ def test_the_counted_step_peak_equals_torchs_own_tracker():
                                  block_size=64, gradient_checkpointing=True)
     torch.manual_seed(0)
     model = build_model(cfg.model_config(100, 64))
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.memory_levers, torch.device("cpu"))
     x = torch.randint(0, 100, (4, 64))
 
     def step():
@@ -80,7 +80,8 @@ def test_a_runs_cpu_peak_repeats_exactly_and_checkpointing_lowers_it(tiny_args, 
 
 def test_a_compiled_cpu_run_is_not_counted(tiny_args):
     """Dynamo does not trace under a dispatch mode: counting would run the model eagerly."""
-    trainer = Trainer(parse_args(tiny_args + ["--compile", "true"]), quiet=True)
+    cfg = parse_args(tiny_args + ["--compile", "true"])
+    trainer = Trainer(cfg, *plan_run(cfg), quiet=True)
     assert trainer.memory.tensors is None and trainer.memory.source == memory.RSS_SOURCE
 
 

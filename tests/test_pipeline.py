@@ -82,6 +82,7 @@ def repo(tmp_path_factory, small_corpus):
                               "max_iters": 3, "eval_iters": 1, "log_interval": 1}}
     # the mechanics here, not the size of the saving: any saving passes
     params["verify"]["threshold_pct"] = 0
+    params["verify"]["expected_range_pct"] = [0, 100]
     repo.set_params(params)
     repo.sh("git", "init", "-q")
     repo.first = repo.dvc("repro")

@@ -30,13 +30,13 @@ def test_verify_refuses_runs_of_other_code_hardware_or_torch(key, other, what):
     baseline, optimized = run(12.0, False, **CODE), run(8.0, True, **(CODE | {key: other}))
     with pytest.raises(ValueError) as e:
         compare("gpt2", baseline, optimized, CRITERIA)
-    assert str(e.value) == (f"the two runs of gpt2 were measured with {what} ({key} {baseline[key]} vs "
+    assert str(e.value) == (f"the two runs of gpt2 were measured with {what} ({key} {getattr(baseline, key)} vs "
                             f"{other}); re-measure both: dvc repro --force")
 
 
 def test_a_params_only_change_still_compares():
     result = compare("gpt2", run(12.0, False, **CODE), run(8.0, True, policy="mlp", **CODE), CRITERIA)
-    assert result["passed"] and result["reduction_pct"] == pytest.approx(100 / 3)
+    assert result.passed and result.reduction_pct == pytest.approx(100 / 3)
 
 
 @pytest.fixture

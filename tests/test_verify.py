@@ -221,14 +221,12 @@ def test_a_loss_difference_fails_in_either_direction(optimized_loss):
 GIB, LOSS = "a finite number in (0, 1048576]", "a finite number in [0, 1000000]"
 BAD_FIELDS = [("oom", "yes", "true or false"), ("oom", 0, "true or false"),
               ("peak_memory_gb", -3.0, GIB), ("peak_memory_gb", 0, GIB), ("peak_memory_gb", 1e308, GIB),
-              ("peak_memory_gb", 10**400, GIB),
               ("step_time_ms", 0.0, "a finite number in (0, 1000000000]"),
               ("final_val_loss", float("nan"), LOSS), ("last_step_loss", "2.0", LOSS),
               ("final_train_loss", -1.0, LOSS),
               ("gradient_checkpointing", "true", "true or false"),
               ("batch_size", 0, "a whole number in [1, 9007199254740992]"),
               ("params", 1.5e8, "a whole number in [1, 9007199254740992]"),
-              ("params", 10**4000, "a whole number in [1, 9007199254740992]"),
               ("activation_memory_budget", 2, "a finite number in [0, 1]"),
               ("device", "gpu", "cpu or cuda"),
               ("policy", "most", "one of none, block, attention, mlp, selective")]
