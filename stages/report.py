@@ -36,7 +36,7 @@ def main() -> int:
     points = [dict(size=size, run=run, **{k: getattr(m, k) for k in COLUMNS[2:]})
               for (size, run), m in runs.items() if not m.oom]
     write_tsv("plots/memory_vs_step_time.tsv", COLUMNS, [tuple(p.values()) for p in points])
-    cuda = any(m.get("device") == "cuda" for m in runs.values())
+    cuda = any(m.device == "cuda" for m in runs.values())
     plots.plot_memory_per_step(traces, "plots/memory_per_step.png",
                                held="reserved" if cuda else "resident (RSS)")
     recorded = {size: runs for size, runs in timelines.items()  # an OOM run recorded no step

@@ -30,7 +30,8 @@ def test_verify_refuses_runs_of_other_code_hardware_or_torch(key, other, what):
     baseline, optimized = run(12.0, False, **CODE), run(8.0, True, **(CODE | {key: other}))
     with pytest.raises(ValueError) as e:
         compare("gpt2", baseline, optimized, CRITERIA)
-    assert str(e.value) == (f"the two runs of gpt2 were measured with {what} ({key} {getattr(baseline, key)} vs "
+    assert str(e.value) == (f"the two runs of gpt2 were measured with {what} "
+                            f"({key} {getattr(baseline, key)} vs "
                             f"{other}); re-measure both: dvc repro --force")
 
 
