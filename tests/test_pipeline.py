@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,7 +38,9 @@ class Repo:
 
     def __init__(self, path, corpus):
         self.path = path
-        self.env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(path),
+        # the stages' `python3` is this interpreter, whatever comes first on the caller's PATH
+        path_var = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(path), PATH=path_var,
                         NEUROMANIFOLD_CACHE=str(path / ".cache"), NEUROMANIFOLD_CORPUS=str(corpus),
                         TIKTOKEN_CACHE_DIR=str(path / ".cache" / "tiktoken"),
                         GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
