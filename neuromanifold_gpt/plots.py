@@ -84,7 +84,8 @@ def plot_step_timeline(timelines: dict[str, dict[str, dict]], path: str | Path) 
     step began against time, through forward, backward and the optimizer step; one panel
     per size, a line per run, a dotted line where its backward begins."""
     fig, axes = _grid(max(len(timelines), 1),
-                      "Memory within one training step (allocated)")
+                      "Memory within one training step (allocated; under CUDA graphs, "
+                      "the step that captures them)")
     if not timelines:
         axes[0].text(0.5, 0.5, "no size has both runs recorded", ha="center")
     for ax, (size, runs) in zip(axes, timelines.items(), strict=True):

@@ -209,6 +209,8 @@ class Trainer:
         step_times, losses, evals = [], [], {}
         start_iter, first = self.iter_num, True
         self.model.train()
+        for cb in self.callbacks:
+            getattr(cb, "on_train_begin", lambda t: None)(self)
         while True:
             at_end = self.iter_num >= opt.max_iters
             if ev.eval_iters and (at_end or (self.iter_num > start_iter

@@ -93,3 +93,21 @@ def test_cuda_graphs_train_as_the_same_kernels_launched_one_by_one(data_dir, pla
         assert made == 0 and len(accumulated["losses"]) == 5
     finally:
         torch._dynamo.reset()  # the graphs' memory would count in a later test's peak
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_the_in_step_curve_under_cuda_graphs_reaches_the_runs_peak(data_dir, tmp_path, checkpointing):
+    """Replayed graphs keep their tensors in a pool the allocator no longer counts; the step
+    that captures them is recorded, so the curve still climbs to the run's peak."""
+    from neuromanifold_gpt.plots import read_trace
+
+    path = tmp_path / "t.tsv"
+    try:
+        torch._dynamo.reset()
+        m = run(data_dir, "--compile", "true", "--gradient_checkpointing", checkpointing,
+                "--memory_timeline_file", str(path))
+        assert m["cuda_graphs"] is True
+        tl = read_trace(path)
+        assert max(tl["allocated_gb"]) == pytest.approx(m["peak_memory_gb"], rel=0.02)
+    finally:
+        torch._dynamo.reset()

@@ -52,3 +52,29 @@ def test_the_per_step_plot_shows_what_each_run_held(monkeypatch, tmp_path):
     lines = {line.get_label(): list(line.get_ydata()) for line in shown["fig"].axes[0].lines}
     assert lines == {"baseline: allocated": [5.7, 1.9], "baseline: reserved": [5.8, 5.8],
                      "checkpointed: allocated": [2.4, 1.9], "checkpointed: reserved": [2.8, 2.8]}
+
+
+def test_a_run_replaying_cuda_graphs_records_the_step_that_captures_them(tiny_args, tmp_path,
+                                                                         monkeypatch):
+    """Under CUDA graphs the allocator sees a step's tensors only while the graphs are captured
+    (the first step after warm-up): that step is recorded, and no extra step is run. The plan
+    is made to say cuda_graphs on this CPU run; graphs themselves need CUDA (tests/test_gpu.py)."""
+    from neuromanifold_gpt import trainer as trainer_mod
+
+    plan_run = trainer_mod.plan_run
+    monkeypatch.setattr(trainer_mod, "plan_run", lambda cfg: (
+        lambda plan, *rest: (plan.replace(cuda_graphs=True), *rest))(*plan_run(cfg)))
+    steps, step = [], trainer_mod.Trainer.train_step
+
+    def counted(self):
+        steps.append((self.iter_num, self.on_phase.__qualname__))  # whose on_phase: recording or not
+        return step(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", counted)
+    path = tmp_path / "t.tsv"
+    m = train(parse_args(tiny_args + WIDER + ["--memory_timeline_file", str(path)]), quiet=True)
+    recording = [i for i, owner in steps if owner.startswith("_Recording")]
+    assert len(steps) == m["iters"] == 3 and recording == [1]
+    tl = read_trace(path)
+    assert set(tl["phase"]) == {"forward", "backward", "optimizer"}
+    assert max(tl["allocated_gb"]) == pytest.approx(m["peak_memory_gb"], rel=1e-3)
