@@ -70,6 +70,27 @@ def tiny_args(data_dir) -> list[str]:
     return TINY + ["--data_dir", str(data_dir), "--dataset", "tiny"]
 
 
+class Exploit:
+    """A pickle that, once loaded, makes the folder `marker`: proof that a file ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.fixture(scope="session")
+def snapshot_dir(tiny_args, tmp_path_factory) -> Path:
+    """A run folder holding the snapshot of a two-step tiny run."""
+    import train
+
+    out = tmp_path_factory.mktemp("snap")
+    assert train.main(tiny_args + ["--max_iters", "2", "--eval_interval", "2", "--save_snapshot",
+                                   "true", "--out_dir", str(out)]) == 0
+    return out
+
+
 def plan_of(cfg, vocab: int, device: str = "cpu", dtype=None, world: int = 1, fsdp: bool = False):
     """The Plan a run of cfg resolves to on `device` (no machine measured: the batch is cfg's)."""
     import torch
