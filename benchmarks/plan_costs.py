@@ -33,7 +33,7 @@ def plan_steps(meta: dict, rows: list[dict], preset: str) -> tuple[dict[str, flo
     span = f"{runs[0]}-{runs[-1]}" if len(runs) > 1 else f"{runs[0]}"
     counted = "one run a row" if runs == [1] else f"the median of {span} interleaved runs a row"
     hardware = (f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
-                f"{preset} at {r['batch_size']} x {r['block_size']}, benchmarks/bench.py --steps "
+                f"{preset} at {r['batch_size']} x {r['block_size']}, python3 -m benchmarks.bench --steps "
                 f"{meta['steps']}, {counted}{merged}")
     return {label: r["step_ms"] for label, r in steps.items()}, hardware
 

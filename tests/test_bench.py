@@ -91,9 +91,10 @@ def test_plan_costs_are_the_compiled_plans_steps_over_the_fastest_with_the_runs_
     costs = load_costs(costs_file)  # what the planner reads
     assert costs["step_ratio"] == {"none": 1.0, "block": 1.525}
     assert costs["hardware"] == ("H100, torch 2.11, bf16 autocast, compiled, gpt2 at 12 x 1024, "
-                                 "benchmarks/bench.py --steps 20, the median of 2-3 interleaved runs a row")
+                                 "python3 -m benchmarks.bench --steps 20, the median of 2-3 interleaved "
+                                 "runs a row")
     _, once = plan_costs.plan_steps(dict(meta, repeat=1), [row("compiled none", [20.0])], "gpt2")
-    assert once.endswith("benchmarks/bench.py --steps 20, one run a row")
+    assert once.endswith("python3 -m benchmarks.bench --steps 20, one run a row")
 
 
 def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_reports(tmp_path):
