@@ -30,6 +30,16 @@ def test_boolean_spellings(text, value):
     assert parse_args(["--gradient_checkpointing", text]).gradient_checkpointing is value
 
 
+@pytest.mark.parametrize("text,value", [("auto", None), ("Auto", None), ("none", None), ("true", True),
+                                        ("false", False)])
+def test_a_switch_left_to_the_machine_is_auto_or_none(text, value, tmp_path):
+    assert parse_args(["--cuda_graphs", text]).compile.cuda_graphs is value
+    assert parse_args(["--lean_loss", text]).memory_levers.lean_loss is value
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text(f"cuda_graphs = {text!r}\n")
+    assert parse_args(["--config", str(cfg_file)]).compile.cuda_graphs is value
+
+
 def test_shipped_config_files_parse():
     for name in ("train_shakespeare_char.py", "train_gpt2.py", "train_gpt2_medium.py"):
         parse_args(["--config", str(ROOT / "config" / name)])
@@ -38,6 +48,10 @@ def test_shipped_config_files_parse():
 BAD = {
     "unknown key": (["--max_iter", "10"], "unknown config key 'max_iter'"),
     "wrong type": (["--gradient_checkpointing", "maybe"], "gradient_checkpointing='maybe'"),
+    "switch neither set nor auto": (["--cuda_graphs", "sometimes"], "cuda_graphs='sometimes' on the command "
+                                    "line is not valid: expected true/false (also 1/0, yes/no) or auto"),
+    "auto for a count": (["--checkpoint_layers", "auto"], "checkpoint_layers='auto' on the command line "
+                         "is not valid: expected an integer"),
     "unknown policy": (["--checkpoint_policy", "everything"], "checkpoint_policy='everything'"),
     "indivisible width": (["--n_embd", "100", "--n_head", "6"], "not divisible by n_head"),
     "missing config file": (["--config", "config/nope.py"], "config file 'config/nope.py' not found"),
