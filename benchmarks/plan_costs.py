@@ -42,8 +42,8 @@ def plan_steps(meta: dict, rows: list[dict], preset: str) -> tuple[dict[str, flo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", default="", metavar="JSON[,JSON...]",
-                        help="the bench.json files (a row of a later file replaces the same row "
-                             "of an earlier one)")
+                        help="the bench.json files (a row several hold: the median step time over "
+                             "all their runs)")
     parser.add_argument("--write_costs", default="gpt2", metavar="PRESET",
                         help="the preset whose compiled rows give the costs")
     parser.add_argument("--costs_file", default=str(COSTS_FILE), help="where to write them")
