@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--snapshot", default="", help="dump this row's CUDA memory history")
     parser.add_argument("--report", default="", metavar="JSON[,JSON...]",
                         help="only redo the table and the plot from earlier bench.json files "
-                             "(a row of a later file replaces the same row of an earlier one)")
+                             "(a row several hold: the median step time over all their runs, its spread, the "
+                             "largest peaks)")
     parser.add_argument("--loss_chunks", default="", metavar="N[,N...]",
                         help="also our lean loss with N tokens a chunk, for every lean row --only selects")
     args = parser.parse_args(argv)

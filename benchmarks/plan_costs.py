@@ -33,7 +33,7 @@ def plan_steps(meta: dict, rows: list[dict], preset: str) -> tuple[dict[str, flo
     span = f"{runs[0]}-{runs[-1]}" if len(runs) > 1 else f"{runs[0]}"
     counted = "one run a row" if runs == [1] else f"the median of {span} interleaved runs a row"
     hardware = (f"{meta['device']}, torch {meta['torch_version']}, bf16 autocast, compiled, "
-                f"{preset} at {r['batch_size']} x {r['block_size']}, benchmarks/bench.py --steps "
+                f"{preset} at {r['batch_size']} x {r['block_size']}, python3 -m benchmarks.bench --steps "
                 f"{meta['steps']}, {counted}{merged}")
     return {label: r["step_ms"] for label, r in steps.items()}, hardware
 
@@ -42,8 +42,8 @@ def plan_steps(meta: dict, rows: list[dict], preset: str) -> tuple[dict[str, flo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", default="", metavar="JSON[,JSON...]",
-                        help="the bench.json files (a row of a later file replaces the same row "
-                             "of an earlier one)")
+                        help="the bench.json files (a row several hold: the median step time over "
+                             "all their runs)")
     parser.add_argument("--write_costs", default="gpt2", metavar="PRESET",
                         help="the preset whose compiled rows give the costs")
     parser.add_argument("--costs_file", default=str(COSTS_FILE), help="where to write them")

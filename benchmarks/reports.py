@@ -35,6 +35,18 @@ def merge_repeats(runs: list[dict]) -> dict:
     return row
 
 
+def runs_of(row: dict) -> list[dict]:
+    """A merged row's runs again, one per step time it kept (each with the row's peaks, the
+    largest of its runs'); a failed row is its one run."""
+    if failed(row):
+        return [row]
+    steps = row.get("step_ms_runs", [row["step_ms"]])
+    walls = row["wall_s"] if isinstance(row["wall_s"], list) else [row["wall_s"]]
+    tokens_ms = row["tokens_per_s"] * row["step_ms"]  # a step's tokens, per millisecond
+    return [dict(row, step_ms=ms, tokens_per_s=tokens_ms / ms, wall_s=wall)
+            for ms, wall in zip(steps, walls, strict=True)]
+
+
 def ours_as_run(rows: list[dict], preset: str) -> list[dict]:
     """The preset's rows of our Trainer run as train.py runs them (no variant) that measured."""
     return [r for r in rows if r["preset"] == preset and r["impl"] == "ours" and not r.get("variant")
@@ -106,8 +118,9 @@ def report(out: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def read_reports(paths: str) -> tuple[dict, list[dict]]:
-    """The rows of comma-separated bench.json files (a row of a later file replaces the same
-    row of an earlier one) and the last file's meta, with every source named."""
+    """The rows of comma-separated bench.json files, a row that several hold merged over all
+    their runs as merge_repeats merges one run's repeats, and the last file's meta, with every
+    source named."""
     merged, meta = {}, {}
     for path in paths.split(","):
         data = read_json(path, required=("rows",), what="bench report",
@@ -121,6 +134,7 @@ def read_reports(paths: str) -> tuple[dict, list[dict]]:
                            "machine, torch and --steps/--repeat")
         for r in data.pop("rows"):
             r.setdefault("variant", r.pop("kernel", None))  # its name in older files
-            merged[r["preset"], r["label"]] = r
+            merged.setdefault((r["preset"], r["label"]), []).append(r)
         meta = dict(data, sources=meta.get("sources", []) + data.get("sources", [path]))
-    return meta, list(merged.values())
+    return meta, [rows[0] if len(rows) == 1 else merge_repeats([run for r in rows for run in runs_of(r)])
+                  for rows in merged.values()]

@@ -191,8 +191,8 @@ def open_dataset(data_dir: str, dataset: str, block_size: int) -> tuple[dict, di
         if expected <= block_size:
             raise BadInput(f"block_size={block_size} is too large for {path} "
                              f"({expected} tokens); use --block_size {expected - 1} or less")
-        # one pass over the memmap (about 1 ms per million tokens): an id past the vocabulary
-        # would otherwise fail deep inside the embedding
+        # one pass over the memmap, cheap beside training: an id past the vocabulary would
+        # otherwise fail deep inside the embedding
         top = int(np.memmap(path, dtype=TOKEN, mode="r").max())
         if top >= vocab_size:
             raise BadInput(f"{path} holds token id {top}, but {meta_path} says vocab_size "

@@ -56,7 +56,7 @@ def plan_run(params: dict, size: str, run: str, root: str | Path = ".",
              overrides: list[str] = ()) -> PlannedRun:
     """The command of one run of a size (params.yaml's settings, then `--key value`
     overrides), checked as train.py would check it: bad params or settings, a missing
-    dataset or an unwritable output raise ValueError before anything runs or is written."""
+    dataset or an unwritable output raise BadInput before anything runs or is written."""
     files = run_files(size, run, root)
     device_type = run_device_type(params)
     args = training_args(params, size, run, device_type, files) + list(overrides)

@@ -43,7 +43,9 @@ COSTS_FILE = Path(__file__).with_name("plan_costs.json")
 
 LEAN = dict(lean_loss=True)
 NO_LEAN = dict(lean_loss=False)
-BLOCK = dict(gradient_checkpointing=True, checkpoint_policy="block")
+# every block checkpointed whole, whatever blocks or policy a run checkpoints
+BLOCK = dict(gradient_checkpointing=True, checkpoint_policy="block", checkpoint_layers=None,
+             checkpoint_every=1)
 
 
 def _policy(name: str, **kw) -> dict:
@@ -66,8 +68,8 @@ PLANS: list[tuple[str, dict]] = [
 ]
 # the plans that recompute nothing, by lean loss
 NO_RECOMPUTE = {False: "none", True: "none +lean"}
-# the single changes a report may suggest, in the words of the command line
-LEVERS = [("--lean_loss true", LEAN), ("--gradient_checkpointing true", BLOCK)]
+# the single changes a report may suggest, named by the flags that differ from a run's
+LEVERS = [LEAN, BLOCK]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +145,11 @@ def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torc
             dist: DistInfo | None = None) -> Plan:
     """The plan cfg asks for on this device, with compile, its unit, CUDA graphs and the lean
     loss decided where cfg leaves them to the machine (None or auto); the batch is cfg's or the
-    preset's (make_plan sizes `auto` and budgets)."""
+    preset's, also for `auto` until make_plan sizes it."""
     dist = dist or DistInfo()
     cuda = device.type == "cuda"
-    B, T = cfg.resolved_batch(device.type)
+    B, T = cfg.with_flags(batch_size=None).resolved_batch(device.type) \
+        if cfg.data.batch_size == "auto" else cfg.resolved_batch(device.type)
     mc = cfg.model_config(vocab_size, T)
     compile = cfg.compile.enable
     if compile is None:
@@ -156,7 +159,7 @@ def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torc
         lean = cuda and vocab_size >= LEAN_MIN_VOCAB
     plan = Plan(device=device, dtype=dtype, dist=dist, model=mc, checkpoint=cfg.activation_checkpoint,
                 levers=dataclasses.replace(cfg.memory_levers, lean_loss=lean),
-                batch_size=B if B != "auto" else 1, block_size=T,
+                batch_size=B, block_size=T,
                 accumulation=cfg.data.gradient_accumulation_steps, grad_clip=cfg.optimizer.grad_clip,
                 compile=compile, compile_unit="model", cuda_graphs=False,
                 asked=(cfg.compile.compile_unit, cfg.compile.cuda_graphs))
@@ -195,6 +198,7 @@ class PlanReport:
 
     prediction: MemoryPrediction  # of the plan
     recommended: int  # the largest batch predicted to fit in HEADROOM[device] x free memory
+    # and in the memory budget's share (BUDGET_MARGIN)
     lever: tuple[str, int] | None  # the one change that raises it most, and to what
     lines: list[str]  # the startup report's memory lines
 
@@ -222,15 +226,19 @@ def _flags_of(plan: Plan) -> dict:
             **dataclasses.asdict(plan.checkpoint), **dataclasses.asdict(plan.levers)}
 
 
+def _word(value) -> str:
+    """A flag's value as the command line spells it."""
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def best_lever(plan: Plan, limit_gb: float, batch: int) -> tuple[str, int] | None:
-    """The single lever (not yet on) that raises the largest fitting batch most; a policy other
-    than block counts as block not yet on."""
+    """The single lever (not yet on) that raises the largest fitting batch most, named by the
+    flags that turn it on from this plan, and the batch it gives."""
     flat = _flags_of(plan)
-    options = [(flag, largest_batch(settle(plan.replace(**fields)), limit_gb))
-               for flag, fields in LEVERS if any(flat[k] != v for k, v in fields.items())]
+    options = [(" ".join(f"--{k} {_word(v)}" for k, v in fields.items() if flat[k] != v),
+                largest_batch(settle(plan.replace(**fields)), limit_gb))
+               for fields in LEVERS if any(flat[k] != v for k, v in fields.items())]
     best = max(options, key=lambda o: o[1], default=None)
-    if best and best[0] == "--gradient_checkpointing true" and plan.model.gradient_checkpointing:
-        best = ("--checkpoint_policy block", best[1])
     return best if best and best[1] > batch else None
 
 
@@ -278,6 +286,7 @@ def make_plan(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: to
     check_states_fit(plan, device_gb)
     lines = []
     limit = HEADROOM[device.type] * free_gb
+    room = f"{free_gb:.1f} GiB free of {device_gb:.1f} GiB ({device.type})"
     budget = cfg.data.memory_budget_gb
     if budget is not None:
         if budget > limit:
@@ -285,9 +294,9 @@ def make_plan(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: to
                          f"({limit:.1f} GiB); planning for {limit:.1f} GiB")
         _, plan, plan_lines = fastest_plan(plan, min(budget, limit))
         lines += plan_lines
+        if BUDGET_MARGIN * budget < limit:  # the budget, not the device, bounds the batch
+            limit, room = BUDGET_MARGIN * budget, f"memory_budget_gb={budget:g}, of {room}"
     auto = cfg.data.batch_size == "auto"
-    if auto:  # sized from the preset's batch's shape, then the largest that fits
-        plan = plan.replace(batch_size=cfg.with_flags(batch_size=None).resolved_batch(device.type)[0])
     recommended = largest_batch(plan, limit)
     lever = best_lever(plan, limit, recommended)
     if auto:
@@ -300,8 +309,7 @@ def make_plan(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: to
     if auto:
         lines.append(f"batch size: auto, so the recommended {recommended}")
     more = f" (with {lever[0]}: {lever[1]})" if lever else ""
-    lines.append(f"recommended batch size: {recommended}{more} for {free_gb:.1f} GiB free of "
-                 f"{device_gb:.1f} GiB ({device.type})")
+    lines.append(f"recommended batch size: {recommended}{more} for {room}")
     return plan, PlanReport(prediction, recommended, lever, lines)
 
 

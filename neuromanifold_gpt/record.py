@@ -61,7 +61,7 @@ class RunRecord:
     recommended_batch_size: int | None = None  # largest batch predicted to fit (0: none fits)
     device_memory_gb: float | None = None  # the device's whole memory, GiB
     compile: bool | None = None  # torch.compile on
-    compile_unit: str | None = None  # what one compiled graph holds: model | block
+    compile_unit: str | None = None  # what one compiled graph holds: model | block (null uncompiled)
     cuda_graphs: bool | None = None  # the compiled code replayed as CUDA graphs
     lean_loss: bool | None = None  # the memory levers (config/base.py MemoryLevers) ...
     offload_activations: bool | None = None

@@ -98,7 +98,8 @@ def _run_facts(trainer) -> dict:
         **run_provenance(t.device),  # torch version, commit, dirty flag, training-code hash, CUDA version
         world_size=t.dist.world_size, parallelism=t.dist.parallelism,
         predicted_peak_gb=t.report.prediction.peak_gb, recommended_batch_size=t.report.recommended,
-        device_memory_gb=t.device_gb, compile=plan.compile, compile_unit=plan.compile_unit,
+        device_memory_gb=t.device_gb, compile=plan.compile,
+        compile_unit=plan.compile_unit if plan.compile else None,
         cuda_graphs=plan.cuda_graphs, lean_loss=levers.lean_loss,
         offload_activations=levers.offload_activations,
         optimizer_in_backward=levers.optimizer_in_backward,

@@ -96,7 +96,7 @@ class Trainer:
 
     def new_step(self) -> None:
         """Before each forward: compiled CUDA graphs may then reuse the last step's outputs'
-        memory (distributed.replays_graphs)."""
+        memory (Plan.cuda_graphs, planner.settle)."""
         if self.plan.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 

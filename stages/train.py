@@ -2,8 +2,9 @@
 
     python3 stages/train.py SIZE baseline|checkpointed
 
-Runs train.py with the size's config file and params.yaml's `train`, `sizes.SIZE` and (for
-the checkpointed run) `checkpointing` sections, resolved for the device it lands on. Writes
+Runs the package's trainer (`python -m neuromanifold_gpt`) with the size's config file and
+params.yaml's `train`, `sizes.SIZE` and (for the checkpointed run) `checkpointing` sections,
+resolved for the device it lands on. Writes
 metrics/train/SIZE/RUN.json, plots/train/SIZE/RUN.tsv (memory per step) and logs/SIZE/RUN.log.
 A CUDA out-of-memory is a result, not a failure: the metrics say oom: true and the verify
 stage judges it."""

@@ -35,6 +35,39 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
 
 
+def test_reports_merged_give_each_row_the_median_of_all_their_runs_and_its_spread(tmp_path):
+    """Three bench.json files of one machine (one process each): a row's step time is the median
+    over every run the files hold, its spread their min-max, its peaks the largest."""
+    def row(label, runs, peak, oom=False):
+        ms = statistics.median(runs)
+        return dict(preset="gpt2", label=label, impl="ours", variant=None, recompute="none",
+                    compile=True, oom=oom, peak_allocated_gb=peak, peak_reserved_gb=peak + 0.5,
+                    step_ms=ms, step_ms_min=min(runs), step_ms_max=max(runs), step_ms_runs=runs,
+                    tokens_per_s=12_000 / ms * 1000, wall_s=[1.0] * len(runs), predicted_gb=5.0,
+                    memory_source="torch.cuda.max_memory_allocated")
+
+    meta = dict(device="H100", torch_version="2.11", steps=20, repeat=2)
+    reports_rows = [[row("compiled none", [30.0, 36.0], 5.0), row("compiled block", [40.0, 41.0], 3.0)],
+                    [row("compiled none", [20.0, 33.0], 5.25)],
+                    [row("compiled none", [40.0, 31.0], 5.0), row("compiled block", [1.0], 0, oom=True)]]
+    files = []
+    for name, report_rows in zip("abc", reports_rows, strict=True):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(dict(meta, rows=report_rows)))
+    out = tmp_path / "merged"
+    assert bench.main(["--report", ",".join(map(str, files)), "--out_dir", str(out)]) == 0
+    merged = {r["label"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    none = merged["compiled none"]
+    assert none["step_ms_runs"] == [30.0, 36.0, 20.0, 33.0, 40.0, 31.0]
+    assert (none["step_ms"], none["step_ms_min"], none["step_ms_max"]) == (32.0, 20.0, 40.0)
+    runs_tokens = [12_000 / ms * 1000 for ms in none["step_ms_runs"]]  # each run's tokens/s
+    assert none["tokens_per_s"] == pytest.approx(statistics.median(runs_tokens))
+    assert (none["peak_allocated_gb"], none["peak_reserved_gb"]) == (5.25, 5.75)
+    table = next(line for line in (out / "bench.md").read_text().splitlines() if "compiled none" in line)
+    assert [cell.strip() for cell in table.split("|")[3:7]] == ["5.25", "5.75", "32.0", "20.0-40.0"]
+    assert merged["compiled block"]["oom"]  # a run out of memory: the row does not fit
+
+
 def test_bench_runs_the_lean_rows_at_the_chunk_sizes_asked_for(tmp_path):
     with mock.patch.object(loss, "_add_chunk_grads", wraps=loss._add_chunk_grads) as chunks:
         assert bench.main(["--quick", "--steps", "1", "--out_dir", str(tmp_path), "--only",
@@ -91,17 +124,19 @@ def test_plan_costs_are_the_compiled_plans_steps_over_the_fastest_with_the_runs_
     costs = load_costs(costs_file)  # what the planner reads
     assert costs["step_ratio"] == {"none": 1.0, "block": 1.525}
     assert costs["hardware"] == ("H100, torch 2.11, bf16 autocast, compiled, gpt2 at 12 x 1024, "
-                                 "benchmarks/bench.py --steps 20, the median of 2-3 interleaved runs a row")
+                                 "python3 -m benchmarks.bench --steps 20, the median of 2-3 interleaved "
+                                 "runs a row")
     _, once = plan_costs.plan_steps(dict(meta, repeat=1), [row("compiled none", [20.0])], "gpt2")
-    assert once.endswith("benchmarks/bench.py --steps 20, one run a row")
+    assert once.endswith("python3 -m benchmarks.bench --steps 20, one run a row")
 
 
 def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_reports(tmp_path):
-    """--against takes several bench.json files (one per process of a split bench): a row of a
-    later file replaces the same row of an earlier one."""
+    """--against takes several bench.json files (one per process of a split bench): a row that
+    several hold is merged over their runs."""
     def row(label, gb, ms):
         return dict(preset="gpt2", label=label, impl="ours", variant=None, oom=False,
-                    peak_allocated_gb=gb, step_ms=ms)
+                    peak_allocated_gb=gb, peak_reserved_gb=gb, step_ms=ms, tokens_per_s=1e6 / ms,
+                    wall_s=[1.0])
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(dict(device="d", rows=[row("compiled none", 6.8, 29.0),
@@ -117,7 +152,7 @@ def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_repor
     other.write_text(json.dumps(dict(device="e", rows=[])))
     with pytest.raises(ValueError, match="its device .* is not that of the reports before it"):
         reports.read_reports(f"{first},{other}")
-    assert plans.fastest_bench_row(merged, "gpt2", 10)["step_ms"] == 30.0  # the later file's
+    assert plans.fastest_bench_row(merged, "gpt2", 10)["step_ms"] == 29.5  # both files' median
     assert plans.fastest_bench_row(merged, "gpt2", 4)["label"] == "compiled block"
     assert plans.fastest_bench_row(merged, "gpt2", 3)["label"] == "compiled block +lean"
     assert plans.fastest_bench_row(merged, "gpt2", 2) is None

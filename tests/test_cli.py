@@ -9,6 +9,7 @@ import pytest
 
 import train
 from neuromanifold_gpt.config.cli import parse_args
+from neuromanifold_gpt.errors import BadInput
 from tests.conftest import ROOT, one_line_error
 
 
@@ -30,6 +31,19 @@ def test_boolean_spellings(text, value):
     assert parse_args(["--gradient_checkpointing", text]).gradient_checkpointing is value
 
 
+@pytest.mark.parametrize("text,value", [("auto", None), ("Auto", None), ("none", None), ("true", True),
+                                        ("false", False)])
+def test_a_switch_left_to_the_machine_is_auto_or_none(text, value, tmp_path):
+    assert parse_args(["--cuda_graphs", text]).compile.cuda_graphs is value
+    assert parse_args(["--lean_loss", text]).memory_levers.lean_loss is value
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text(f"cuda_graphs = {text!r}\n")
+    assert parse_args(["--config", str(cfg_file)]).compile.cuda_graphs is value
+    # a count's None is no machine's choice: auto is not one of its words
+    with pytest.raises(BadInput, match="checkpoint_layers='auto' on the command line is not valid"):
+        parse_args(["--checkpoint_layers", "auto"])
+
+
 def test_shipped_config_files_parse():
     for name in ("train_shakespeare_char.py", "train_gpt2.py", "train_gpt2_medium.py"):
         parse_args(["--config", str(ROOT / "config" / name)])
@@ -38,6 +52,8 @@ def test_shipped_config_files_parse():
 BAD = {
     "unknown key": (["--max_iter", "10"], "unknown config key 'max_iter'"),
     "wrong type": (["--gradient_checkpointing", "maybe"], "gradient_checkpointing='maybe'"),
+    "switch neither set nor auto": (["--cuda_graphs", "sometimes"], "cuda_graphs='sometimes' on the command "
+                                    "line is not valid: expected true/false (also 1/0, yes/no) or auto"),
     "unknown policy": (["--checkpoint_policy", "everything"], "checkpoint_policy='everything'"),
     "indivisible width": (["--n_embd", "100", "--n_head", "6"], "not divisible by n_head"),
     "missing config file": (["--config", "config/nope.py"], "config file 'config/nope.py' not found"),

@@ -106,13 +106,45 @@ def test_report_names_the_lever_that_buys_the_most(compile, winner):
     assert lean_block.lever is None and "(with" not in lean_block.lines[-1]
 
 
-def test_a_policy_other_than_block_is_offered_block_by_its_own_flag():
+GPT2_ARGS = ["--preset", "gpt2", "--batch_size", "12", "--block_size", "1024", "--compile", "true",
+             "--lean_loss", "true"]
+
+
+@pytest.mark.parametrize("asked, flags", [
+    (["--gradient_checkpointing", "true", "--checkpoint_policy", "mlp"], "--checkpoint_policy block"),
+    (["--checkpoint_policy", "mlp"], "--gradient_checkpointing true --checkpoint_policy block"),
+    (["--checkpoint_policy", "block"], "--gradient_checkpointing true"),
+    (["--gradient_checkpointing", "true", "--checkpoint_layers", "6"], "--checkpoint_layers none"),
+    (["--gradient_checkpointing", "true", "--checkpoint_every", "2"], "--checkpoint_every 1"),
+    (["--gradient_checkpointing", "true", "--checkpoint_policy", "mlp", "--checkpoint_layers", "6"],
+     "--checkpoint_policy block --checkpoint_layers none"),
+])
+def test_the_block_lever_names_the_flags_whose_run_has_its_batch(asked, flags):
+    """Every block checkpointed whole, named by the flags that differ from the run's; running
+    with them recommends the batch the lever promised."""
+    _, report = cuda_plan(parse_args(GPT2_ARGS + asked), free_gb=139.3, device_gb=139.8)
+    assert report.lever[0] == flags
+    followed, after = cuda_plan(parse_args(GPT2_ARGS + asked + flags.split()), 139.3, 139.8)
+    assert followed.layer_policies == ["block"] * 12 and after.lever is None
+    assert report.lever[1] == after.recommended > report.recommended
+    assert f"(with {flags}: {after.recommended}) for 139.3 GiB free" in report.lines[-1]
+
+
+@pytest.mark.parametrize("budget", [10.0, 4.0])
+def test_under_a_budget_the_recommended_batch_and_lever_fit_the_budget(budget):
     cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True,
-                                 lean_loss=True, gradient_checkpointing=True, checkpoint_policy="mlp")
+                                 memory_budget_gb=budget)
     plan, report = cuda_plan(cfg, free_gb=139.3, device_gb=139.8)
-    assert report.lever[0] == "--checkpoint_policy block"
-    assert report.lever[1] == largest_batch(plan.replace(checkpoint_policy="block"), HEADROOM["cuda"] * 139.3)
-    assert "(with --checkpoint_policy block: " in report.lines[-1]
+    room = planner.BUDGET_MARGIN * budget
+    assert report.recommended == largest_batch(plan, room) < largest_batch(plan, HEADROOM["cuda"] * 139.3)
+    assert report.lever[1] == max(largest_batch(planner.settle(plan.replace(**fields)), room)
+                                  for fields in planner.LEVERS)
+    assert report.lines[-1] == (f"recommended batch size: {report.recommended} (with {report.lever[0]}: "
+                                f"{report.lever[1]}) for memory_budget_gb={budget:g}, of 139.3 GiB "
+                                f"free of 139.8 GiB (cuda)")
+    # a budget past the device: the device bounds the batch, as without one
+    _, device = cuda_plan(cfg.with_flags(memory_budget_gb=1000.0), 139.3, 139.8)
+    assert device.lines[-1].endswith(" for 139.3 GiB free of 139.8 GiB (cuda)")
 
 
 def test_out_of_memory_advice_is_the_largest_batch_predicted_to_fit():
@@ -194,8 +226,8 @@ def test_cost_table_covers_every_plan_relative_to_the_fastest():
     ratios = costs["step_ratio"]
     assert set(ratios) == set(dict(PLANS)) and min(ratios.values()) == 1.0
     # from a GPU, 20 timed steps a run and at least two interleaved runs of every row
-    found = re.search(r"bench\.py --steps (\d+), the median of (\d+)(?:-\d+)? interleaved runs a row",
-                      costs["hardware"])
+    found = re.search(r"python3 -m benchmarks\.bench --steps (\d+), the median of (\d+)(?:-\d+)? "
+                      r"interleaved runs a row", costs["hardware"])
     assert costs["hardware"].startswith("NVIDIA ") and found, costs["hardware"]
     assert int(found[1]) >= 20 and int(found[2]) >= 2
 

@@ -57,7 +57,9 @@ def coerce(key: str, value, where: str):
     if key not in types_:
         raise _unknown(key, where)
     typ, nullable, auto = types_[key]
-    if nullable and (value is None or (isinstance(value, str) and value.lower() == "none")):
+    # a switch left to the machine is None, which the user knows as auto
+    unset = {"none", "auto"} if typ is bool else {"none"}
+    if nullable and (value is None or (isinstance(value, str) and value.lower() in unset)):
         return None
     if auto and isinstance(value, str) and value.lower() == "auto":
         return "auto"
@@ -85,7 +87,7 @@ def coerce(key: str, value, where: str):
     elif typ is str and isinstance(value, str):
         return value
     expected = {bool: "true/false (also 1/0, yes/no)", int: "an integer", float: "a number",
-                str: "a string"}[typ] + (" or auto" if auto else "")
+                str: "a string"}[typ] + (" or auto" if auto or (nullable and typ is bool) else "")
     raise BadInput(f"{key}={value!r} {where} is not valid: expected {expected}")
 
 
