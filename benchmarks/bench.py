@@ -39,6 +39,7 @@ from neuromanifold_gpt.device import device_name
 from neuromanifold_gpt.errors import BadInput, entry_point
 from neuromanifold_gpt.files import write_json
 from neuromanifold_gpt.planner import use_expandable_segments
+from neuromanifold_gpt.provenance import run_provenance
 
 from .reports import merge_repeats, read_reports, report
 from .rows import (
@@ -132,9 +133,9 @@ def main(argv=None) -> int:
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device_name(device), torch_version=torch.__version__, steps=args.steps,
-                repeat=args.repeat,
-                transformers_version=hf_version)
+    # the code measured, as every training run records it: commit and the package's code hash
+    meta = dict(device=device_name(device), **run_provenance(device), steps=args.steps,
+                repeat=args.repeat, transformers_version=hf_version)
     runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as data_dir:
         for preset, shape in shapes.items():

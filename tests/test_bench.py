@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import bench, loss_kernels, plan_costs, plans, profile, reports, rows
-from neuromanifold_gpt import loss
+from neuromanifold_gpt import loss, provenance
 from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.config.cli import parse_args
 from neuromanifold_gpt.planner import PLANS, load_costs, resolve
@@ -27,6 +27,8 @@ def test_bench_quick_writes_json_table_and_plot(tmp_path):
     base = next(r for r in data["rows"] if r["label"] == data["rows"][0]["baseline"])
     assert base["recompute"] == "none" and base["mem_vs_baseline"] == 1.0
     assert all(r["step_ms"] > 0 and r["peak_allocated_gb"] > 0 for r in data["rows"])
+    # the code measured, named as a training run's record names it
+    assert data["code_hash"] == provenance.code_hash() and "git_commit" in data
     assert "| eager block +lean" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 0
     # the report mode rebuilds the same table from the JSON
