@@ -286,8 +286,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
     set (a failed run writes its record instead). Returns the metrics. Every output path is
     checked before any work; every way out leaves the process group."""
     timeline_file = cfg.evaluation.memory_timeline_file
-    if timeline_file:
-        callbacks = [*(callbacks or []), StepTimelineCallback(timeline_file)]
+    timeline = StepTimelineCallback(timeline_file) if timeline_file else None
+    if timeline:
+        callbacks = [*(callbacks or []), timeline]
     outputs = run_outputs(cfg)
     check_outputs(outputs)
     trainer = None
@@ -310,8 +311,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None, quiet: bool = False) 
         except NonFiniteLoss as e:  # every rank sees the same (all-reduced) loss
             if trainer.dist.is_main:
                 reporting.write_run_files(cfg, reporting.nonfinite_record(trainer, e), [])
+                if timeline_file:
+                    write_timeline(timeline_file, [])
             raise
     finally:
+        if timeline:  # a recording an error cut short records nothing more
+            timeline.close()
         if trainer is not None:
             trainer.wrapped = None  # DDP goes before the process group (see distributed.close)
         distributed.close()

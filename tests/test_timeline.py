@@ -1,9 +1,10 @@
-"""Memory within one step: an extra recorded step after the measured ones, which leaves the
-run's figures alone and shows what checkpointing does (a lower hill of activations)."""
+"""Memory within one step: one recorded step (neuromanifold_gpt/timeline.py says which), which
+leaves the run's figures alone and shows what checkpointing does (a lower hill of activations)."""
 
 import pytest
 
 from neuromanifold_gpt.config.cli import parse_args
+from neuromanifold_gpt.errors import NonFiniteLoss
 from neuromanifold_gpt.memory import GIB
 from neuromanifold_gpt.plots import read_trace
 from neuromanifold_gpt.timeline import timeline_rows
@@ -54,23 +55,31 @@ def test_the_per_step_plot_shows_what_each_run_held(monkeypatch, tmp_path):
                      "checkpointed: allocated": [2.4, 1.9], "checkpointed: reserved": [2.8, 2.8]}
 
 
-def test_a_run_replaying_cuda_graphs_records_the_step_that_captures_them(tiny_args, tmp_path,
-                                                                         monkeypatch):
-    """Under CUDA graphs the allocator sees a step's tensors only while the graphs are captured
-    (the first step after warm-up): that step is recorded, and no extra step is run. The plan
-    is made to say cuda_graphs on this CPU run; graphs themselves need CUDA (tests/test_gpu.py)."""
+def graphs_said(monkeypatch):
+    """Every run's plan says cuda_graphs (on the CPU, where no graph is made); the Trainer class."""
     from neuromanifold_gpt import trainer as trainer_mod
 
     plan_run = trainer_mod.plan_run
     monkeypatch.setattr(trainer_mod, "plan_run", lambda cfg: (
         lambda plan, *rest: (plan.replace(cuda_graphs=True), *rest))(*plan_run(cfg)))
-    steps, step = [], trainer_mod.Trainer.train_step
+    return trainer_mod.Trainer
+
+
+def test_a_run_replaying_cuda_graphs_records_the_step_that_captures_them(tiny_args, tmp_path,
+                                                                         monkeypatch):
+    """Under CUDA graphs the allocator sees a step's tensors only while the graphs are captured
+    (the first step after warm-up): that step is recorded, and no extra step is run. The plan
+    is made to say cuda_graphs on this CPU run (whose recorded step then enters the tensor count
+    inside the counted step: a storage counts once either way); graphs themselves need CUDA
+    (tests/test_gpu.py)."""
+    trainer_class = graphs_said(monkeypatch)
+    steps, step = [], trainer_class.train_step
 
     def counted(self):
         steps.append((self.iter_num, self.on_phase.__qualname__))  # whose on_phase: recording or not
         return step(self)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", counted)
+    monkeypatch.setattr(trainer_class, "train_step", counted)
     path = tmp_path / "t.tsv"
     m = train(parse_args(tiny_args + WIDER + ["--memory_timeline_file", str(path)]), quiet=True)
     recording = [i for i, owner in steps if owner.startswith("_Recording")]
@@ -78,3 +87,35 @@ def test_a_run_replaying_cuda_graphs_records_the_step_that_captures_them(tiny_ar
     tl = read_trace(path)
     assert set(tl["phase"]) == {"forward", "backward", "optimizer"}
     assert max(tl["allocated_gb"]) == pytest.approx(m["peak_memory_gb"], rel=1e-3)
+
+
+@pytest.mark.parametrize("at", [1, 2], ids=["in the captured step", "after it"])
+@pytest.mark.parametrize("fault", ["interrupt", "non-finite"])
+def test_a_run_stopped_leaves_no_timeline_of_its_own(fault, at, tiny_args, tmp_path, monkeypatch):
+    """The captured step's timeline is written when the run ends: a run stopped in that step or
+    after it leaves an earlier file as it was (an interrupt) or the header alone (a failed run's
+    files), and the recording stops (no counting mode left on, the trainer's phase hook back)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    trainer_class = graphs_said(monkeypatch)
+    step, seen = trainer_class.train_step, []
+
+    error = KeyboardInterrupt if fault == "interrupt" else NonFiniteLoss
+
+    def failing(self):
+        seen.append(self)
+        if self.iter_num == at:
+            self.on_phase("forward")  # under way
+            raise error("stopped")
+        return step(self)
+
+    monkeypatch.setattr(trainer_class, "train_step", failing)
+    path = tmp_path / "t.tsv"
+    path.write_text("an earlier run's timeline\n")
+    with pytest.raises(error):
+        train(parse_args(tiny_args + WIDER + ["--max_iters", "4", "--memory_timeline_file", str(path)]),
+              quiet=True)
+    expected = "an earlier run's timeline\n" if fault == "interrupt" else "time_ms\tallocated_gb\tphase\n"
+    assert path.read_text() == expected
+    assert _get_current_dispatch_mode_stack() == []
+    assert seen[-1].on_phase.__qualname__ == "Trainer.__init__.<locals>.<lambda>"
