@@ -177,7 +177,8 @@ class Evaluation:
     init_from: Literal["scratch", "resume"] = "scratch"  # resume: from out_dir/snapshot.pt
     metrics_file: str = ""  # write the run's metrics JSON here ("" = do not write)
     memory_trace_file: str = ""  # write per-step memory as TSV here ("" = do not write)
-    memory_timeline_file: str = ""  # write memory against time within one extra step as TSV here
+    memory_timeline_file: str = ""  # write memory within one training step as TSV here
+    # (timeline.py says which step)
 
     def __post_init__(self):
         _check_fields(self)
