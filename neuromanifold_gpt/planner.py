@@ -148,8 +148,7 @@ def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torc
     preset's, also for `auto` until make_plan sizes it."""
     dist = dist or DistInfo()
     cuda = device.type == "cuda"
-    B, T = cfg.with_flags(batch_size=None).resolved_batch(device.type) \
-        if cfg.data.batch_size == "auto" else cfg.resolved_batch(device.type)
+    B, T = cfg.resolved_batch(device.type)
     mc = cfg.model_config(vocab_size, T)
     compile = cfg.compile.enable
     if compile is None:

@@ -61,6 +61,10 @@ def test_batch_size_auto_is_read_from_the_command_line_and_config_files(tmp_path
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('batch_size = "auto"\n')
     assert parse_args(["--config", str(cfg_file)]).data.batch_size == "auto"
+    # until make_plan sizes it, an auto batch is the preset's, as an unset one is
+    for device in ("cpu", "cuda"):
+        preset_batch = TrainConfig.from_flags(preset="gpt2").resolved_batch(device)
+        assert TrainConfig.from_flags(preset="gpt2", batch_size="auto").resolved_batch(device) == preset_batch
     assert train.main(["--batch_size", "many"]) == 2
     assert one_line_error(capsys).strip() == ("error: batch_size='many' on the command line is not "
                                              "valid: expected an integer or auto")
