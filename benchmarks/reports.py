@@ -21,17 +21,20 @@ def failed(r: dict) -> bool:
 
 
 def merge_repeats(runs: list[dict]) -> dict:
-    """One row from its repeats: the median step time and its spread, the largest peak."""
-    bad = [r for r in runs if failed(r)]
-    if bad:
-        return bad[0]
-    row = dict(runs[0])
-    steps = [r["step_ms"] for r in runs]
+    """One row from its repeats: the median step time and its spread, the largest peak. An
+    out-of-memory run is the row (running out is a finding); an error yields to the runs that
+    measured, and is the row only when none did."""
+    oom = [r for r in runs if r["oom"]]
+    measured = [r for r in runs if not failed(r)]
+    if oom or not measured:
+        return (oom or runs)[0]
+    row = dict(measured[0])
+    steps = [r["step_ms"] for r in measured]
     row.update(step_ms=statistics.median(steps), step_ms_min=min(steps), step_ms_max=max(steps),
-               step_ms_runs=steps, tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs),
-               peak_allocated_gb=max(r["peak_allocated_gb"] for r in runs),
-               peak_reserved_gb=max(r["peak_reserved_gb"] for r in runs),
-               wall_s=[r["wall_s"] for r in runs])
+               step_ms_runs=steps, tokens_per_s=statistics.median(r["tokens_per_s"] for r in measured),
+               peak_allocated_gb=max(r["peak_allocated_gb"] for r in measured),
+               peak_reserved_gb=max(r["peak_reserved_gb"] for r in measured),
+               wall_s=[r["wall_s"] for r in measured])
     return row
 
 
@@ -126,12 +129,12 @@ def read_reports(paths: str) -> tuple[dict, list[dict]]:
         data = read_json(path, required=("rows",), what="bench report",
                          writer="python3 -m benchmarks.bench, which writes it as OUT_DIR/bench.json "
                                 "(--out_dir, out/bench by default)")
-        differ = [k for k in ("device", "torch_version", "steps", "repeat")
+        differ = [k for k in ("device", "torch_version", "code_hash", "steps", "repeat")
                   if meta and data.get(k) != meta.get(k)]
         if differ:
             raise BadInput(f"{path}: its {differ[0]} ({data.get(differ[0])!r}) is not that of the "
                            f"reports before it ({meta.get(differ[0])!r}); merge reports of one "
-                           "machine, torch and --steps/--repeat")
+                           "machine, torch, code and --steps/--repeat")
         for r in data.pop("rows"):
             r.setdefault("variant", r.pop("kernel", None))  # its name in older files
             merged.setdefault((r["preset"], r["label"]), []).append(r)

@@ -1,6 +1,6 @@
 """Data-parallel training through torchrun: DDP by default, FSDP2 (`fully_shard`) with --fsdp.
 
-    torchrun --standalone --nproc_per_node=N -m neuromanifold_gpt --config config/train_gpt2.py [--fsdp true]
+    torchrun --standalone --nproc_per_node=N train.py --config config/train_gpt2.py [--fsdp true]
 
 torchrun gives each process RANK, LOCAL_RANK and WORLD_SIZE; `init` reads them and joins the
 process group (NCCL on CUDA, gloo on CPU) with a timeout, so a rank that dies or hangs makes
@@ -65,7 +65,7 @@ def init(device: torch.device, cfg: TrainConfig) -> tuple[DistInfo, torch.device
     if not all(k in os.environ for k in _LAUNCHER_ENV):
         if cfg.parallelism.fsdp:
             raise BadInput("fsdp=true needs a torchrun launch: torchrun --standalone "
-                             "--nproc_per_node=N -m neuromanifold_gpt ... --fsdp true")
+                             "--nproc_per_node=N train.py ... --fsdp true")
         return DistInfo(), device
     rank, local_rank, world_size = (int(os.environ[k]) for k in _LAUNCHER_ENV)
     cfg.check_rules(world_size)

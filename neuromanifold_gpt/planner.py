@@ -148,8 +148,7 @@ def resolve(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: torc
     preset's, also for `auto` until make_plan sizes it."""
     dist = dist or DistInfo()
     cuda = device.type == "cuda"
-    B, T = cfg.with_flags(batch_size=None).resolved_batch(device.type) \
-        if cfg.data.batch_size == "auto" else cfg.resolved_batch(device.type)
+    B, T = cfg.resolved_batch(device.type)
     mc = cfg.model_config(vocab_size, T)
     compile = cfg.compile.enable
     if compile is None:
@@ -258,16 +257,17 @@ def candidates(plan: Plan, costs: dict[str, float]) -> list[tuple[str, Plan, flo
     return out
 
 
-def fastest_plan(plan: Plan, budget_gb: float) -> tuple[str, Plan, list[str]]:
-    """The fastest plan whose predicted peak fits budget_gb (ties: the one without recompute,
-    then the smaller peak); BadInput saying what would fit when none does."""
+def fastest_plan(plan: Plan, budget_gb: float, room_gb: float) -> tuple[str, Plan, list[str]]:
+    """The fastest plan for memory_budget_gb=budget_gb whose predicted peak fits room_gb (ties:
+    the one without recompute, then the smaller peak); BadInput saying what would fit when none
+    does."""
     costs = load_costs()
     scored = [(label, p, ratio, predict(p).peak_gb)
               for label, p, ratio in candidates(plan, costs["step_ratio"])]
-    fitting = [s for s in scored if s[3] <= BUDGET_MARGIN * budget_gb]
+    fitting = [s for s in scored if s[3] <= room_gb]
     if not fitting:
         label, leanest, _, peak = min(scored, key=lambda s: s[3])
-        b = largest_batch(leanest, BUDGET_MARGIN * budget_gb)
+        b = largest_batch(leanest, room_gb)
         fix = f"lower --batch_size to {b}" if b else "use a smaller model or block_size"
         raise BadInput(f"memory_budget_gb={budget_gb:g} fits no plan at batch_size {plan.batch_size}: "
                        f"the leanest, {label}, needs {peak:.2f} GiB (predicted); raise the budget "
@@ -289,13 +289,15 @@ def make_plan(cfg: TrainConfig, vocab_size: int, device: torch.device, dtype: to
     room = f"{free_gb:.1f} GiB free of {device_gb:.1f} GiB ({device.type})"
     budget = cfg.data.memory_budget_gb
     if budget is not None:
-        if budget > limit:
+        # the plan is chosen within, and the batch sized for, the budget's share or the
+        # device's, whichever is less
+        if BUDGET_MARGIN * budget < limit:
+            limit, room = BUDGET_MARGIN * budget, f"memory_budget_gb={budget:g}, of {room}"
+        else:
             lines.append(f"memory budget {budget:g} GiB is more than the device can give "
                          f"({limit:.1f} GiB); planning for {limit:.1f} GiB")
-        _, plan, plan_lines = fastest_plan(plan, min(budget, limit))
+        _, plan, plan_lines = fastest_plan(plan, budget, limit)
         lines += plan_lines
-        if BUDGET_MARGIN * budget < limit:  # the budget, not the device, bounds the batch
-            limit, room = BUDGET_MARGIN * budget, f"memory_budget_gb={budget:g}, of {room}"
     auto = cfg.data.batch_size == "auto"
     recommended = largest_batch(plan, limit)
     lever = best_lever(plan, limit, recommended)

@@ -80,6 +80,11 @@ class Exploit:
         return os.mkdir, (str(self.marker),)
 
 
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root (hidden ones too), with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def snapshot_dir(tiny_args, tmp_path_factory) -> Path:
     """A run folder holding the snapshot of a two-step tiny run."""

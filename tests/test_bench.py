@@ -154,10 +154,36 @@ def test_budget_plans_are_compared_with_the_fastest_fitting_row_of_several_repor
     other.write_text(json.dumps(dict(device="e", rows=[])))
     with pytest.raises(ValueError, match="its device .* is not that of the reports before it"):
         reports.read_reports(f"{first},{other}")
+    other.write_text(json.dumps(dict(device="d", code_hash="abc", rows=[])))  # other code
+    with pytest.raises(ValueError, match=r"its code_hash \('abc'\) is not that of the reports before "
+                                         r"it \(None\); merge reports of one machine, torch, code and"):
+        reports.read_reports(f"{first},{other}")
     assert plans.fastest_bench_row(merged, "gpt2", 10)["step_ms"] == 29.5  # both files' median
     assert plans.fastest_bench_row(merged, "gpt2", 4)["label"] == "compiled block"
     assert plans.fastest_bench_row(merged, "gpt2", 3)["label"] == "compiled block +lean"
     assert plans.fastest_bench_row(merged, "gpt2", 2) is None
+
+
+def test_merged_reports_keep_an_out_of_memory_and_let_a_measured_run_replace_an_error(tmp_path):
+    def row(label, ms=30.0, **kw):
+        return dict(preset="gpt2", label=label, impl="ours", variant=None, oom=False,
+                    peak_allocated_gb=2.0, peak_reserved_gb=2.0, step_ms=ms, tokens_per_s=1e6 / ms,
+                    wall_s=[1.0], **kw)
+
+    def broken(label, oom):  # as run_row records a run that measured nothing
+        return dict(preset="gpt2", label=label, impl="ours", variant=None, wall_s=1.0, oom=oom,
+                    **({} if oom else {"failed": "RuntimeError: x"}))
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(device="d", rows=[
+        broken("errs", oom=False), row("runs out"), broken("errs twice", oom=False)])))
+    second.write_text(json.dumps(dict(device="d", rows=[
+        row("errs", ms=40.0), broken("runs out", oom=True), broken("errs twice", oom=False)])))
+    for paths in (f"{first},{second}", f"{second},{first}"):
+        merged = {r["label"]: r for r in reports.read_reports(paths)[1]}
+        assert merged["errs"]["step_ms"] == 40.0 and not reports.failed(merged["errs"])
+        assert merged["runs out"]["oom"] is True
+        assert reports.failed(merged["errs twice"])
 
 
 def test_loss_kernels_checks_each_kernel_against_fp64(tmp_path):

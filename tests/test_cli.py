@@ -51,7 +51,8 @@ def test_shipped_config_files_parse():
 
 BAD = {
     "unknown key": (["--max_iter", "10"], "unknown config key 'max_iter'"),
-    "wrong type": (["--gradient_checkpointing", "maybe"], "gradient_checkpointing='maybe'"),
+    "wrong type": (["--gradient_checkpointing", "maybe"], "gradient_checkpointing='maybe' on the command "
+                   "line is not valid: expected true/false (also 1/0, yes/no)\n"),  # a plain bool: no auto
     "switch neither set nor auto": (["--cuda_graphs", "sometimes"], "cuda_graphs='sometimes' on the command "
                                     "line is not valid: expected true/false (also 1/0, yes/no) or auto"),
     "unknown policy": (["--checkpoint_policy", "everything"], "checkpoint_policy='everything'"),

@@ -8,7 +8,6 @@ import pickle
 import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +19,6 @@ from neuromanifold_gpt.config.base import TrainConfig
 from neuromanifold_gpt.data import write_dataset
 from neuromanifold_gpt.errors import BadInput
 from tests.conftest import ROOT, Exploit, one_line_error, plan_of
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file under root (hidden ones too), with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # -- data ------------------------------------------------------------------------------------

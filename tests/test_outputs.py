@@ -17,13 +17,7 @@ import torch
 
 import train
 from neuromanifold_gpt import files
-from tests.conftest import ROOT, TINY, Exploit, one_line_error
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file under root (hidden ones too), with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
+from tests.conftest import ROOT, TINY, Exploit, one_line_error, tree
 
 
 # -- outputs, checked before the first step ---------------------------------------------------

@@ -61,6 +61,10 @@ def test_batch_size_auto_is_read_from_the_command_line_and_config_files(tmp_path
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('batch_size = "auto"\n')
     assert parse_args(["--config", str(cfg_file)]).data.batch_size == "auto"
+    # until make_plan sizes it, an auto batch is the preset's, as an unset one is
+    for device in ("cpu", "cuda"):
+        preset_batch = TrainConfig.from_flags(preset="gpt2").resolved_batch(device)
+        assert TrainConfig.from_flags(preset="gpt2", batch_size="auto").resolved_batch(device) == preset_batch
     assert train.main(["--batch_size", "many"]) == 2
     assert one_line_error(capsys).strip() == ("error: batch_size='many' on the command line is not "
                                              "valid: expected an integer or auto")
@@ -169,7 +173,7 @@ COSTS = {"hardware": "test", "step_ratio": {"none": 1.0, "selective": 1.1, "none
 @pytest.mark.parametrize("budget", [20.0, 6.0, 5.3, 3.0])
 def test_budget_picks_the_fastest_plan_predicted_to_fit(budget, monkeypatch):
     monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
-    label, plan, lines = planner.fastest_plan(gpt2(), budget)
+    label, plan, lines = planner.fastest_plan(gpt2(), budget, planner.BUDGET_MARGIN * budget)
     peaks = {lbl: predict(p).peak_gb for lbl, p, _ in planner.candidates(gpt2(), COSTS["step_ratio"])}
     assert set(peaks) == set(COSTS["step_ratio"])
     fits = [lbl for lbl in peaks if peaks[lbl] <= planner.BUDGET_MARGIN * budget]
@@ -187,21 +191,41 @@ def test_plans_are_ranked_by_their_measured_steps_alone(monkeypatch):
     # or a compile unit that suits it better), and is taken as measured
     measured = {"none": 1.0, "none +lean": 1.59, "block +lean": 1.32}
     monkeypatch.setattr(planner, "load_costs", lambda: dict(hardware="test", step_ratio=measured))
-    label, _, lines = planner.fastest_plan(gpt2(), 20.0)
+    label, _, lines = planner.fastest_plan(gpt2(), 20.0, 20.0)
     assert label == "none" and "step 1.00x the fastest plan's" in lines[0]
     none_lean = predict(gpt2().replace(**dict(PLANS)["none +lean"])).peak_gb
     none = predict(gpt2().replace(**dict(PLANS)["none"])).peak_gb
     assert none_lean < none  # a budget between them fits both lean plans and not the plain one
-    label, _, lines = planner.fastest_plan(gpt2(), (none + none_lean) / 2 / planner.BUDGET_MARGIN)
+    label, _, lines = planner.fastest_plan(gpt2(), 20.0, (none + none_lean) / 2)
     assert label == "block +lean" and "step 1.32x the fastest plan's" in lines[0]
+
+
+def budget_plan(budget, free_gb=139.3):
+    """make_plan under memory_budget_gb=budget: the plan's label, the plan and the report."""
+    cfg = TrainConfig.from_flags(preset="gpt2", batch_size=12, block_size=1024, compile=True,
+                                 memory_budget_gb=budget)
+    plan, report = cuda_plan(cfg, free_gb=free_gb, device_gb=139.8)
+    label = next(re.match(r"memory plan for \S+ GiB: (.+?) \(", line)[1]
+                 for line in report.lines if line.startswith("memory plan for "))
+    return label, plan, report
 
 
 def test_budget_leaves_a_margin_for_the_predictor(monkeypatch):
     monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
     none = predict(gpt2().replace(**dict(PLANS)["none"])).peak_gb
-    assert planner.fastest_plan(gpt2(), none / planner.BUDGET_MARGIN)[0] == "none"
+    assert budget_plan(none / planner.BUDGET_MARGIN)[0] == "none"
     # predicted to fit, but closer to the budget than the predictor's error: a leaner plan
-    assert planner.fastest_plan(gpt2(), 1.02 * none)[0] != "none"
+    assert budget_plan(1.02 * none)[0] != "none"
+
+
+def test_a_budget_past_the_device_plans_and_sizes_the_batch_for_the_device(monkeypatch):
+    """The device's share bounds both the plan and the recommended batch, as one room."""
+    monkeypatch.setattr(planner, "load_costs", lambda: COSTS)
+    none = predict(gpt2().replace(**dict(PLANS)["none"])).peak_gb
+    free = none / (planner.BUDGET_MARGIN ** 0.5 * HEADROOM["cuda"])  # none fits the device's share
+    label, plan, report = budget_plan(1000.0, free_gb=free)  # with room to spare: not the budget's
+    assert label == "none" and report.recommended == largest_batch(plan, HEADROOM["cuda"] * free) >= 12
+    assert report.lines[-1].endswith(f" for {free:.1f} GiB free of 139.8 GiB (cuda)")
 
 
 def test_budget_that_nothing_fits_is_one_line_and_exit_2(data_dir, tmp_path, capsys):
@@ -215,7 +239,7 @@ def test_budget_plan_is_reported_and_trained(data_dir, tmp_path, capsys, monkeyp
     assert train.main(_args(data_dir, tmp_path, "--batch_size", "4", "--memory_budget_gb", "20")) == 0
     out = capsys.readouterr().out
     assert "memory budget 20 GiB is more than the device can give (1.0 GiB); planning for 1.0 GiB" in out
-    assert "memory plan for 1 GiB: none (predicted peak" in out  # everything fits: the fastest
+    assert "memory plan for 20 GiB: none (predicted peak" in out  # everything fits: the fastest
     assert json.loads((tmp_path / "m.json").read_text())["policy"] == "none"
 
 

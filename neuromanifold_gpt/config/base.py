@@ -177,7 +177,8 @@ class Evaluation:
     init_from: Literal["scratch", "resume"] = "scratch"  # resume: from out_dir/snapshot.pt
     metrics_file: str = ""  # write the run's metrics JSON here ("" = do not write)
     memory_trace_file: str = ""  # write per-step memory as TSV here ("" = do not write)
-    memory_timeline_file: str = ""  # write memory against time within one extra step as TSV here
+    memory_timeline_file: str = ""  # write memory within one training step as TSV here
+    # (timeline.py says which step)
 
     def __post_init__(self):
         _check_fields(self)
@@ -366,9 +367,11 @@ class TrainConfig:
         return replace(self, **flags, **changed)
 
     def resolved_batch(self, device_type: str) -> tuple[int, int]:
-        """(batch_size, block_size) with the preset's per-device defaults filled in."""
+        """(batch_size, block_size) with the preset's per-device defaults filled in, also for an
+        auto batch (the planner sizes it once the plan is known)."""
         default_b, default_t = PRESETS[self.model.preset]["cuda" if device_type == "cuda" else "cpu"]
-        return self.data.batch_size or default_b, self.data.block_size or default_t
+        batch = None if self.data.batch_size == "auto" else self.data.batch_size
+        return batch or default_b, self.data.block_size or default_t
 
     def model_config(self, vocab_size: int, block_size: int | None = None) -> NeuroManifoldConfig:
         arch = {k: v for k, v in PRESETS[self.model.preset].items() if k not in ("cuda", "cpu")}

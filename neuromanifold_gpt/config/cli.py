@@ -31,7 +31,8 @@ def _flags() -> dict:
 
 
 def _field_types() -> dict[str, tuple[type, bool, bool]]:
-    """flat key -> (base type, accepts None, accepts auto: a number field that also takes a str)."""
+    """flat key -> (base type, accepts None, accepts auto: a number field that also takes a str).
+    A bool that accepts None is a switch left to the machine, and reads auto too (coerce)."""
     out = {}
     for name, hint in _flags().items():
         args = typing.get_args(hint)
@@ -57,8 +58,8 @@ def coerce(key: str, value, where: str):
     if key not in types_:
         raise _unknown(key, where)
     typ, nullable, auto = types_[key]
-    # a switch left to the machine is None, which the user knows as auto
-    unset = {"none", "auto"} if typ is bool else {"none"}
+    switch = nullable and typ is bool  # left to the machine as None, which the user knows as auto
+    unset = {"none", "auto"} if switch else {"none"}
     if nullable and (value is None or (isinstance(value, str) and value.lower() in unset)):
         return None
     if auto and isinstance(value, str) and value.lower() == "auto":
@@ -87,7 +88,7 @@ def coerce(key: str, value, where: str):
     elif typ is str and isinstance(value, str):
         return value
     expected = {bool: "true/false (also 1/0, yes/no)", int: "an integer", float: "a number",
-                str: "a string"}[typ] + (" or auto" if auto or (nullable and typ is bool) else "")
+                str: "a string"}[typ] + (" or auto" if auto or switch else "")
     raise BadInput(f"{key}={value!r} {where} is not valid: expected {expected}")
 
 
