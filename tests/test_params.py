@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from neuromanifold_gpt.params import load_params, validate
+from neuromanifold_gpt.config.base import POLICIES
+from neuromanifold_gpt.params import DEVICES, load_params, validate, verify_criteria
 from tests.conftest import ROOT
 
 PARAMS = load_params(path=ROOT / "params.yaml")
@@ -16,6 +17,16 @@ PARAMS = load_params(path=ROOT / "params.yaml")
 
 def test_the_shipped_params_are_valid():
     validate(copy.deepcopy(PARAMS))
+
+
+@pytest.mark.parametrize("device_type", DEVICES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_shipped_threshold_sits_below_its_expected_range(device_type, policy):
+    # a reduction the RESULTS wording calls expected must pass, and one well short of it fail
+    for size in PARAMS["sizes"]:
+        c = verify_criteria(PARAMS, device_type, size, policy)
+        low, high = c["expected_range_pct"]
+        assert 0 < c["threshold_pct"] < low < high, (size, c)
 
 
 BAD = {  # name: (key path, new value or KeyError to delete it, what the error must say)
