@@ -14,13 +14,13 @@ stand_in=localhost/python:3.11-bookworm
 stand_in_root=localhost/debian:bookworm
 work=$(mktemp -d /var/tmp/neuromanifold-image.XXXXXX)
 chmod 755 "$work"
-added=()  # what this run added to the machine, for the EXIT trap: KIND:NAME
+added=()  # what this run added to the machine, for the EXIT trap: KIND:NAME (apt's: .ci/apt-tools)
 images_before=()
 engine=()
 podman_added=
 
-# The tools' chatter (apt's debconf notes, the stand-in's certificate rehash) goes to a log that
-# is printed only when the step fails.
+# The tools' chatter (mmdebstrap's, the stand-in's certificate rehash) goes to a log that is
+# printed only when the step fails.
 quietly() {
   local log=$work/$1.log
   "${@:2}" >"$log" 2>&1 || { cat "$log" >&2; return 1; }
@@ -46,11 +46,9 @@ cleanup() {
     case $entry in
       user:*) "${as_root[@]}" userdel --remove "${entry#user:}" 2>/dev/null ;;
       file:*) "${as_root[@]}" rm -f "${entry#file:}" ;;
-      # sudo's own script refuses its removal where root has no password, unless told.
-      apt:*) quietly apt-purge "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive SUDO_FORCE_REMOVE=yes \
-               apt-get purge -y -qq --autoremove ${entry#apt:} ;;
     esac
   done
+  [[ -d $work/apt ]] && "${as_root[@]}" bash .ci/apt-tools remove "$work/apt"
   "${as_root[@]}" rm -rf "$work"
   exit "$rc"
 }
@@ -66,17 +64,8 @@ phase() {  # phase NAME COMMAND...: run it, record its wall time
   times+=("$(printf '%-10s %4d s' "$1" $((SECONDS - start)))")
 }
 
-apt_install() {  # the packages among $@ that are missing, installed, and recorded for removal
-  local missing=() pkg
-  for pkg in "$@"; do
-    dpkg-query -W -f '${db:Status-Status}' "$pkg" 2>/dev/null | grep -qx installed || missing+=("$pkg")
-  done
-  ((${#missing[@]})) || return 0
-  echo "apt: installing ${missing[*]} (removed again on exit)"
-  added+=("apt:${missing[*]}")
-  quietly apt-update "${as_root[@]}" apt-get update -qq
-  quietly apt-install "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+apt_install() {  # the packages among $@ that are missing, installed for this run
+  "${as_root[@]}" bash .ci/apt-tools add "$work/apt" "$@"
 }
 
 install() {

@@ -5,7 +5,8 @@
 #   scripts/image.sh build               docker build the image of this checkout
 #   scripts/image.sh check               import the package in it, print torch's version
 #   scripts/image.sh repro [OPTIONS]     dvc repro [OPTIONS] in it (the checkout mounted at /work)
-#   scripts/image.sh diff                dvc metrics diff main (main's committed figures)
+#   scripts/image.sh diff                dvc metrics diff main --targets metrics/verify.json: the
+#                                        headline figures against main's committed ones
 #   scripts/image.sh compare REV [OPTIONS]
 #       measure commit REV here too (its own image, dvc repro [OPTIONS]) and print, as Markdown,
 #       what changed in this checkout's figures (run `repro` first) against REV's
@@ -80,7 +81,7 @@ case ${1:-} in
   build) build ;;
   check) run python3 -c "import neuromanifold_gpt, torch; print(torch.__version__, torch.cuda.is_available())" ;;
   repro) run dvc repro "${@:2}" ;;
-  diff) run dvc metrics diff main ;;
+  diff) run dvc metrics diff main --targets metrics/verify.json ;;
   compare) compare "${@:2}" ;;
   reclaim) docker run --rm --user 0:0 -v "$PWD":/work "$IMAGE" chown -R "$(id -u):$(id -g)" /work ;;
   *)

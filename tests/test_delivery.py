@@ -343,7 +343,10 @@ DRIFTS = [
     ("scripts/image.sh", "-w /work \\\n", "\\\n", "its Docker section does not show"),
     ("scripts/image.sh", 'gpus=(--gpus "$GPUS")', "gpus=()",
      "scripts/image.sh: does not run the README's docker run --rm --gpus"),
-    ("scripts/image.sh", "diff) run dvc metrics diff main ;;", "", "scripts/image.sh diff: exit 2"),
+    ("scripts/image.sh", "diff) run dvc metrics diff main --targets metrics/verify.json ;;", "",
+     "scripts/image.sh diff: exit 2"),
+    ("scripts/image.sh", "diff main --targets metrics/verify.json ;;", "diff main ;;",
+     "its Docker section does not show"),
     ("pyproject.toml", 'file = ["requirements.txt"]', 'file = ["requirements-gpu.txt"]',
      "pyproject.toml: dependencies"),
     (".dockerignore", "!requirements.txt", "", ".dockerignore: requirements.txt"),
@@ -470,3 +473,4 @@ def test_readme_drift_is_caught(files, old, new, complaint):
     assert old in files["README.md"]
     found = readme_problems(files["README.md"].replace(old, new, 1))
     assert any(complaint in p for p in found), found
+
