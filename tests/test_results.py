@@ -4,6 +4,7 @@ follow a changed figure, take either shape of verify.json, and show bench report
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,41 +18,58 @@ NEW_VERIFY_KEYS = ("baseline_peak_gb", "optimized_peak_gb", "reduction_gb", "red
                    "step_time_ratio", "loss_diff", "passed")
 
 
-def committed_runs() -> list[dict]:
-    sizes = json.loads((ROOT / "metrics/verify.json").read_text())["sizes"]
-    return [json.loads(run_files(size, run, ROOT)["metrics"].read_text()) for size in sizes for run in RUNS]
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory) -> Path:
+    """The committed tree (HEAD), checked out apart: `dvc repro` on this machine replaces the
+    workspace's metrics with its own, and the pages hold what is committed. Outside a git
+    checkout (an unpacked release), the files as they are."""
+    if not (ROOT / ".git").exists():
+        yield ROOT
+        return
+    tree = tmp_path_factory.mktemp("committed") / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--quiet", "--detach", str(tree), "HEAD"],
+                   check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+
+
+def committed_runs(root: Path) -> list[dict]:
+    sizes = json.loads((root / "metrics/verify.json").read_text())["sizes"]
+    return [json.loads(run_files(size, run, root)["metrics"].read_text()) for size in sizes for run in RUNS]
 
 
 @pytest.fixture
-def checkout(tmp_path) -> Path:
-    """The files the generator reads and writes, copied out of the repository."""
+def checkout(committed, tmp_path) -> Path:
+    """The files the generator reads and writes, copied out of the committed tree."""
     for name in ("metrics", "docs/results", "benchmarks/results"):
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, tmp_path / name)
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+        if (committed / name).is_dir():
+            shutil.copytree(committed / name, tmp_path / name)
+    shutil.copy(committed / "README.md", tmp_path / "README.md")
     return tmp_path
 
 
-def test_committed_pages_and_readme_table_are_what_the_files_give():
-    pages, plots, block = results.render(ROOT, results.BENCH)
+def test_committed_pages_and_readme_table_are_what_the_files_give(committed):
+    pages, plots, block = results.render(committed, results.BENCH)
     for path, text in pages.items():
-        assert (ROOT / path).read_text() == text, f"{path} differs: python3 -m neuromanifold_gpt.results"
+        assert (committed / path).read_text() == text, f"{path} differs: python3 -m neuromanifold_gpt.results"
     for path in plots:
-        assert (ROOT / path).is_file(), f"{path} is missing: python3 -m neuromanifold_gpt.results"
-    assert results.stale(ROOT, pages, plots) == []
-    readme = (ROOT / "README.md").read_text()
+        assert (committed / path).is_file(), f"{path} is missing: python3 -m neuromanifold_gpt.results"
+    assert results.stale(committed, pages, plots) == []
+    readme = (committed / "README.md").read_text()
     assert block in readme and results.splice(readme, block) == readme
-    assert results.main(["--root", str(ROOT), "--check"]) == 0
+    assert results.main(["--root", str(committed), "--check"]) == 0
 
 
-def test_the_page_names_card_torch_cuda_commit_and_code_hash_from_the_files():
-    runs = committed_runs()
-    page = (ROOT / results.PAGES / f"{results.slug(runs[0]['device_name'])}.md").read_text()
+def test_the_page_names_card_torch_cuda_commit_and_code_hash_from_the_files(committed):
+    runs = committed_runs(committed)
+    page = (committed / results.PAGES / f"{results.slug(runs[0]['device_name'])}.md").read_text()
     for run in runs:
         for key in ("device_name", "torch_version", "cuda_version", "git_commit", "code_hash"):
             assert str(run[key]) in page, f"the page lacks {key} {run[key]}"
-    sizes = json.loads((ROOT / "metrics/verify.json").read_text())["sizes"]
-    readme = (ROOT / "README.md").read_text()
+    sizes = json.loads((committed / "metrics/verify.json").read_text())["sizes"]
+    readme = (committed / "README.md").read_text()
     for size, h in sizes.items():
         row = f"| {h['baseline_peak_gb']:.3f} | {h['optimized_peak_gb']:.3f} | {h['reduction_gb']:.3f} " \
               f"({h['reduction_pct']:.1f}%) | {h['step_time_ratio']:.2f} |"
@@ -66,7 +84,7 @@ def test_a_changed_figure_is_caught_and_regenerated(checkout, capsys):
     verify.write_text(json.dumps(data))
     assert results.main(["--root", str(checkout), "--check"]) == 1
     out = capsys.readouterr().out
-    page = f"docs/results/{results.slug(committed_runs()[0]['device_name'])}.md"
+    page = f"docs/results/{results.slug(committed_runs(checkout)[0]['device_name'])}.md"
     assert f"{page} differs" in out and "README.md differs" in out
     assert results.main(["--root", str(checkout)]) == 0
     assert results.main(["--root", str(checkout), "--check"]) == 0
