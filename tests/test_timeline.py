@@ -60,8 +60,12 @@ def graphs_said(monkeypatch):
     from neuromanifold_gpt import trainer as trainer_mod
 
     plan_run = trainer_mod.plan_run
-    monkeypatch.setattr(trainer_mod, "plan_run", lambda cfg: (
-        lambda plan, *rest: (plan.replace(cuda_graphs=True), *rest))(*plan_run(cfg)))
+
+    def with_graphs(cfg):
+        plan, *rest = plan_run(cfg)
+        return (plan.replace(cuda_graphs=True), *rest)
+
+    monkeypatch.setattr(trainer_mod, "plan_run", with_graphs)
     return trainer_mod.Trainer
 
 
